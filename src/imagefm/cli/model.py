@@ -1,0 +1,84 @@
+"""Commands about checkpoints: ``imagefm info`` and ``imagefm convert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def describe(model: Any, source: str) -> list[tuple[str, str]]:
+    """Rows (name, value) that describe a loaded model: architecture, size, preprocessing card."""
+    from imagefm.checkpoint import architecture_name
+
+    c = model.config
+    v, t = c.vision, c.text
+    rows = [
+        ("source", source),
+        ("architecture", f"{architecture_name(model)} ({c.model_type})"),
+        ("parameters", f"{model.num_parameters:,} (vision {_count(model.vision):,}, "
+                       f"text {_count(model.text):,})"),
+        ("vision", f"ViT {v.image_size}px / patch {v.patch_size}, width {v.width}, "
+                   f"{v.layers} layers, {v.heads} heads, mlp {v.mlp_dim}, {v.act}, pool {v.pool}"),
+        ("text", f"width {t.width}, {t.layers} layers, {t.heads} heads, mlp {t.mlp_dim}, {t.act}, "
+                 f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool}, "
+                 f"context {t.context_length}, vocab {t.vocab_size:,}"),
+        ("embedding", f"{c.embed_dim} (image proj {c.image_projection}, "
+                      f"text proj {c.text_projection})"),
+        ("logit scale", f"{model.logit_scale.exp().item():.4g}"
+                        + (f", bias {model.logit_bias.item():.4g}"
+                           if model.logit_bias is not None else "")),
+    ]
+    card = model.card
+    rows.append(("preprocess", f"{card.image_size}px, resize {card.resize_mode}, "
+                               f"{card.interpolation}, mean {_fmt(card.mean)}, "
+                               f"std {_fmt(card.std)}"))
+    tok = getattr(model, "tokenizer", None)
+    rows.append(("tokenizer", "none" if tok is None else f"vocab {tok.vocab_size:,}"))
+    return rows
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in values) + ")"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def info(
+        path: Path = typer.Argument(..., help="Checkpoint: imagefm, Hugging Face or open_clip."),
+        arch: str = typer.Option(None, help="open_clip architecture of a bare state-dict file."),
+    ) -> None:
+        """Print a checkpoint's architecture, parameter count and preprocessing card."""
+        import imagefm
+
+        model = imagefm.load(path, arch=arch)
+        rows = describe(model, str(path))
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            typer.echo(f"{name:<{width}}  {value}")
+
+    @app.command()
+    def convert(
+        src: Path = typer.Argument(..., help="Checkpoint to read (any format imagefm loads)."),
+        dst: Path = typer.Argument(..., help="Output directory."),
+        to: str = typer.Option("imagefm", help="Output format: imagefm or hf."),
+        arch: str = typer.Option(None, help="open_clip architecture of a bare state-dict file."),
+    ) -> None:
+        """Convert a checkpoint to imagefm format, or back to Hugging Face format (--to hf)."""
+        import imagefm
+
+        if to not in ("imagefm", "hf"):
+            raise typer.BadParameter(f"--to must be 'imagefm' or 'hf', got {to!r}")
+        model = imagefm.load(src, arch=arch)
+        if to == "hf":
+            from imagefm.convert.hf import export_hf
+
+            export_hf(model, dst)
+        else:
+            model.save_pretrained(dst)
+        typer.echo(f"wrote {to} checkpoint to {dst}")

@@ -1,0 +1,263 @@
+"""Configuration as data: frozen dataclasses that are saved with every checkpoint.
+
+Every numerical choice a model depends on (activation, norm eps, pooling, masks, projection kind,
+preprocessing) lives here and is written to ``imagefm.json``. Nothing is inferred from a model's
+name or path. Unknown keys are refused when a config is read, so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu", "silu")
+VISION_POOLS = ("cls", "map", "mean")
+TEXT_POOLS = ("argmax", "eos", "last", "first")
+PROJECTIONS = ("linear", "linear_bias", "none")
+RESIZE_MODES = ("shortest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message says which field and what to change."""
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A vision transformer: patch embedding, pre-LN blocks, pooling."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True  # CLIP has one; SigLIP does not
+    patch_bias: bool = False  # CLIP's conv has no bias; SigLIP's does
+    pre_norm: bool = True  # CLIP's ln_pre before the blocks
+    pool: str = "cls"  # cls | map (SigLIP attention-pool head) | mean
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check_choice("vision", "act", self.act, ACTIVATIONS)
+        _check_choice("vision", "pool", self.pool, VISION_POOLS)
+        _check_positive("vision", image_size=self.image_size, patch_size=self.patch_size,
+                        width=self.width, layers=self.layers, heads=self.heads,
+                        mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
+        if self.width % self.heads:
+            raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads "
+                              f"({self.heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "
+                              f"vision.patch_size ({self.patch_size})")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("vision.pool = 'cls' needs vision.class_token = true")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2 + int(self.class_token)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A text transformer: causal with EOS pooling (CLIP) or bidirectional, last token (SigLIP)."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True
+    pool: str = "argmax"  # argmax (CLIP: EOS has the largest id) | eos | last | first
+    eos_token_id: int | None = None  # used by pool = "eos"
+    use_padding_mask: bool = True  # apply attention_mask to keys (HF does; open_clip does not)
+
+    def __post_init__(self) -> None:
+        _check_choice("text", "act", self.act, ACTIVATIONS)
+        _check_choice("text", "pool", self.pool, TEXT_POOLS)
+        _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
+                        width=self.width, layers=self.layers, heads=self.heads,
+                        mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
+        if self.width % self.heads:
+            raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads "
+                              f"({self.heads})")
+        if self.pool == "eos" and self.eos_token_id is None:
+            raise ConfigError("text.pool = 'eos' needs text.eos_token_id")
+
+
+@dataclass(frozen=True)
+class ImageCard:
+    """How images are turned into pixel values for one model (its preprocessing card)."""
+
+    image_size: int = 224
+    # shortest: resize the shortest side, then centre crop; squash: resize to a square
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        _check_choice("preprocess", "resize_mode", self.resize_mode, RESIZE_MODES)
+        _check_choice("preprocess", "interpolation", self.interpolation, INTERPOLATIONS)
+        _check_positive("preprocess", image_size=self.image_size)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("preprocess.mean and preprocess.std need three values (RGB)")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"preprocess.std must be > 0, got {self.std}")
+        # JSON gives lists; keep tuples so the card stays hashable and frozen.
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+
+CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class DualEncoderConfig:
+    """A CLIP or SigLIP dual encoder: two towers, two projections, a temperature (and a bias)."""
+
+    model_type: str = "clip"  # clip | siglip: decides the default loss, nothing else
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    # linear | linear_bias | none (SigLIP: the pooled output is the embedding)
+    image_projection: str = "linear"
+    text_projection: str = "linear"  # SigLIP: linear_bias (its text "head")
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # SigLIP: -10
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "model_type", self.model_type, ("clip", "siglip"))
+        _check_choice("model", "image_projection", self.image_projection, PROJECTIONS)
+        _check_choice("model", "text_projection", self.text_projection, PROJECTIONS)
+        _check_positive("model", embed_dim=self.embed_dim)
+        if self.image_projection == "none" and self.vision.width != self.embed_dim:
+            raise ConfigError(f"model.image_projection = 'none' needs vision.width "
+                              f"({self.vision.width}) == embed_dim ({self.embed_dim})")
+        if self.text_projection == "none" and self.text.width != self.embed_dim:
+            raise ConfigError(f"model.text_projection = 'none' needs text.width "
+                              f"({self.text.width}) == embed_dim ({self.embed_dim})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
+        data = dict(data)
+        vision = from_dict(VisionConfig, data.pop("vision", {}), "vision")
+        text = from_dict(TextConfig, data.pop("text", {}), "text")
+        return from_dict(cls, {**data, "vision": vision, "text": text}, "model")
+
+    def replace(self, **changes: Any) -> DualEncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], owner: str = "") -> T:
+    """Build a dataclass from a dict, refusing unknown keys with a message naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {owner or cls.__name__}: {', '.join(unknown)}; "
+                          f"known keys are: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+# --- presets -------------------------------------------------------------------------------------
+# Shapes follow the published models; `tiny` is for CPU tests and the quickstart.
+
+def _clip(vision: VisionConfig, text: TextConfig, embed_dim: int) -> DualEncoderConfig:
+    return DualEncoderConfig("clip", vision, text, embed_dim)
+
+
+def _siglip(vision: VisionConfig, text: TextConfig) -> DualEncoderConfig:
+    return DualEncoderConfig(
+        "siglip", vision, text, embed_dim=vision.width, image_projection="none",
+        text_projection="linear_bias", init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+
+def _siglip_vision(**kw: Any) -> VisionConfig:
+    defaults = dict(act="gelu_tanh", norm_eps=1e-6, class_token=False, patch_bias=True,
+                    pre_norm=False, pool="map")
+    return VisionConfig(**{**defaults, **kw})
+
+
+def _siglip_text(**kw: Any) -> TextConfig:
+    defaults = dict(vocab_size=32000, context_length=64, act="gelu_tanh", norm_eps=1e-6,
+                    causal=False, pool="last")
+    return TextConfig(**{**defaults, **kw})
+
+
+PRESETS: dict[str, DualEncoderConfig] = {
+    "tiny": _clip(
+        VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512,
+                     act="gelu"),
+        TextConfig(vocab_size=4096, context_length=32, width=128, layers=4, heads=4, mlp_dim=512,
+                   act="gelu"),
+        embed_dim=128),
+    "small": _clip(
+        VisionConfig(image_size=128, patch_size=16, width=384, layers=6, heads=6, mlp_dim=1536,
+                     act="gelu"),
+        TextConfig(vocab_size=16384, context_length=48, width=256, layers=6, heads=4,
+                   mlp_dim=1024, act="gelu"),
+        embed_dim=256),
+    "clip-vit-b-16": _clip(
+        VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072),
+        TextConfig(), embed_dim=512),
+    "clip-vit-b-32": _clip(
+        VisionConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072),
+        TextConfig(), embed_dim=512),
+    "clip-vit-l-14": _clip(
+        VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
+        TextConfig(width=768, heads=12, mlp_dim=3072), embed_dim=768),
+    "siglip-tiny": _siglip(
+        _siglip_vision(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
+        _siglip_text(vocab_size=4096, context_length=32, width=128, layers=4, heads=4,
+                     mlp_dim=512)),
+    "siglip-vit-b-16": _siglip(
+        _siglip_vision(image_size=224, patch_size=16, width=768, layers=12, heads=12,
+                       mlp_dim=3072),
+        _siglip_text(width=768, layers=12, heads=12, mlp_dim=3072)),
+}
+PRESETS["base"] = PRESETS["clip-vit-b-16"]
+
+
+def preset(name: str, **overrides: Any) -> DualEncoderConfig:
+    """A named preset, optionally with top-level fields replaced."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+
+def default_card(config: DualEncoderConfig) -> ImageCard:
+    """The preprocessing card a freshly initialised model of this config uses."""
+    if config.model_type == "siglip":
+        mean, std = HALF_MEAN_STD
+        return ImageCard(config.vision.image_size, "squash", "bilinear", mean, std)
+    mean, std = CLIP_MEAN_STD
+    return ImageCard(config.vision.image_size, "shortest", "bicubic", mean, std)

@@ -1,0 +1,96 @@
+"""CLIP / SigLIP dual encoder: an image tower and a text tower meeting in one embedding space.
+
+    pixels ─► VisionTransformer ─► image_proj ─┐
+                                               ├─► normalise ─► scale·img@txtᵀ (+bias) ─► logits
+    tokens ─► TextTransformer  ─► text_proj  ─┘
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagefm.config import DualEncoderConfig, ImageCard, default_card
+from imagefm.models.text import TextTransformer
+from imagefm.models.vit import VisionTransformer
+
+
+@dataclass
+class DualEncoderOutput:
+    image_embeds: torch.Tensor  # L2-normalised [B_img, D]
+    text_embeds: torch.Tensor  # L2-normalised [B_txt, D]
+    logits_per_image: torch.Tensor  # [B_img, B_txt]
+    logits_per_text: torch.Tensor  # [B_txt, B_img]
+    logit_scale: torch.Tensor  # exp(log scale), a scalar
+    logit_bias: torch.Tensor | None
+
+
+def _projection(kind: str, width: int, embed_dim: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    layer = nn.Linear(width, embed_dim, bias=kind == "linear_bias")
+    nn.init.normal_(layer.weight, std=width**-0.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class DualEncoder(nn.Module):
+    """A CLIP or SigLIP model. ``card`` is the image preprocessing it expects."""
+
+    def __init__(self, config: DualEncoderConfig, card: ImageCard | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.card = card or default_card(config)
+        # The tokenizer travels with the model so a checkpoint is self-contained; loaders set it.
+        self.tokenizer = None
+        self.vision = VisionTransformer(config.vision)
+        self.text = TextTransformer(config.text)
+        self.image_proj = _projection(config.image_projection, config.vision.width,
+                                      config.embed_dim)
+        self.text_proj = _projection(config.text_projection, config.text.width, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+                           if config.init_logit_bias is not None else None)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, D], not normalised (as HF ``get_image_features``)."""
+        return self.image_proj(self.vision(pixel_values))
+
+    def encode_text(self, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text embeddings [B, D], not normalised (as HF ``get_text_features``)."""
+        return self.text_proj(self.text(input_ids, attention_mask))
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Image-text logits [B_img, B_txt] from normalised embeddings."""
+        logits = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> DualEncoderOutput:
+        image = F.normalize(self.encode_image(pixel_values), dim=-1)
+        text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        logits = self.logits(image, text)
+        return DualEncoderOutput(image, text, logits, logits.t(), self.logit_scale.exp(),
+                                 self.logit_bias)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.vision.transformer.gradient_checkpointing = enabled
+        self.text.transformer.gradient_checkpointing = enabled
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""
+        from imagefm.checkpoint import save_model
+
+        return save_model(self, directory)

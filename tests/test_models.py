@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imagefm
+from imagefm.config import ConfigError, DualEncoderConfig, VisionConfig, from_dict
+from imagefm.models.dual_encoder import DualEncoder
+from imagefm.models.layers import Attention, make_attention_mask
+
+
+def test_attention_matches_explicit_softmax() -> None:
+    attn = Attention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    padding = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = make_attention_mask(5, padding, causal=True)
+    q = attn.q_proj(x).view(2, 5, 4, 4).transpose(1, 2)
+    k = attn.k_proj(x).view(2, 5, 4, 4).transpose(1, 2)
+    v = attn.v_proj(x).view(2, 5, 4, 4).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / 2.0
+    scores = scores.masked_fill(~mask, float("-inf"))
+    expected = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(attn(x, mask), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_causal_mask_blocks_future_tokens() -> None:
+    model = DualEncoder(imagefm.preset("tiny")).eval()
+    ids = torch.randint(1, 100, (1, 10))
+    changed = ids.clone()
+    changed[0, 7:] = 5
+    a = model.text.forward_tokens(ids)
+    b = model.text.forward_tokens(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_argmax_pooling_ignores_padding_after_eos() -> None:
+    model = DualEncoder(imagefm.preset("tiny")).eval()
+    ids = torch.tensor([[1, 20, 30, 4000, 0, 0, 0]])
+    other_pad = torch.tensor([[1, 20, 30, 4000, 7, 7, 7]])
+    torch.testing.assert_close(model.encode_text(ids), model.encode_text(other_pad))
+
+
+@pytest.mark.parametrize("name", ["tiny", "siglip-tiny"])
+def test_forward_shapes_and_logits(name: str) -> None:
+    model = DualEncoder(imagefm.preset(name)).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    ids = torch.randint(0, 4096, (2, 32))
+    out = model(pixel_values=pixels, input_ids=ids)
+    assert out.logits_per_image.shape == (3, 2)
+    img = F.normalize(model.encode_image(pixels), dim=-1)
+    txt = F.normalize(model.encode_text(ids), dim=-1)
+    expected = model.logit_scale.exp() * img @ txt.t()
+    if model.logit_bias is not None:
+        expected = expected + model.logit_bias
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.t())
+
+
+def test_position_interpolation_to_other_sizes() -> None:
+    model = DualEncoder(imagefm.preset("tiny")).eval()
+    assert model.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 128)
+    assert model.encode_image(torch.randn(1, 3, 64, 96)).shape == (1, 128)
+    # At the native size the stored embeddings are used unchanged.
+    grid = model.vision.config.grid_size
+    torch.testing.assert_close(model.vision.position_embeddings((grid, grid)),
+                               model.vision.pos_embed)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "map"])
+def test_vision_pooling_variants(pool: str) -> None:
+    cfg = dataclasses.replace(imagefm.preset("tiny").vision, pool=pool)
+    model = DualEncoder(imagefm.preset("tiny", vision=cfg)).eval()
+    tokens = model.vision.forward_tokens(torch.randn(2, 3, 64, 64))
+    pooled = model.vision(torch.randn(2, 3, 64, 64))
+    assert pooled.shape == (2, 128)
+    if pool == "mean":
+        torch.testing.assert_close(model.vision.pool(tokens), tokens[:, 1:].mean(1))
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    model = DualEncoder(imagefm.preset("tiny"))
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(0, 4096, (2, 32))
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(pixels, ids).logits_per_image.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.set_gradient_checkpointing(True)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_config_round_trip_and_unknown_keys() -> None:
+    cfg = imagefm.preset("siglip-tiny")
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert DualEncoderConfig.from_dict(data) == cfg
+    data["vision"]["patchsize"] = 8
+    with pytest.raises(ConfigError, match="patchsize"):
+        DualEncoderConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(act="swish"), "vision.act"),
+    (dict(width=130, heads=4), "divisible"),
+    (dict(image_size=60, patch_size=8), "multiple"),
+    (dict(pool="cls", class_token=False), "class_token"),
+])
+def test_bad_vision_config_is_refused(bad: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        from_dict(VisionConfig, bad)
+
+
+def test_presets_have_published_shapes() -> None:
+    b16 = imagefm.preset("clip-vit-b-16")
+    with torch.device("meta"):
+        model = DualEncoder(b16)
+    # OpenAI CLIP ViT-B/16 has 149.6 M parameters.
+    assert abs(model.num_parameters - 149_620_737) < 1_000
+    with pytest.raises(ConfigError, match="unknown preset"):
+        imagefm.preset("vit-huge-typo")
