@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Modules under imagefm.cli that contribute commands through `register(app)`.
-COMMAND_MODULES = ("model",)
+COMMAND_MODULES = ("model", "synth")
 
 
 def _version(value: bool) -> None:

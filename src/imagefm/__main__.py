@@ -1,0 +1,5 @@
+"""``python -m imagefm`` runs the ``imagefm`` command."""
+
+from imagefm.cli import main
+
+main()
