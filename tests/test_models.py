@@ -109,7 +109,7 @@ def test_config_round_trip_and_unknown_keys() -> None:
 @pytest.mark.parametrize("bad, match", [
     (dict(act="swish"), "vision.act"),
     (dict(width=130, heads=4), "divisible"),
-    (dict(image_size=60, patch_size=8), "multiple"),
+    (dict(image_size=4, patch_size=8), "at least"),
     (dict(pool="cls", class_token=False), "class_token"),
 ])
 def test_bad_vision_config_is_refused(bad: dict, match: str) -> None:

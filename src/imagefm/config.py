@@ -62,14 +62,15 @@ class VisionConfig:
         if self.width % self.heads:
             raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads "
                               f"({self.heads})")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"vision.image_size ({self.image_size}) must be at least "
                               f"vision.patch_size ({self.patch_size})")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("vision.pool = 'cls' needs vision.class_token = true")
 
     @property
     def grid_size(self) -> int:
+        # A remainder is dropped, as the strided patch convolution does (SigLIP so400m: 384/14).
         return self.image_size // self.patch_size
 
     @property
