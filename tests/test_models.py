@@ -125,3 +125,16 @@ def test_presets_have_published_shapes() -> None:
     assert abs(model.num_parameters - 149_620_737) < 1_000
     with pytest.raises(ConfigError, match="unknown preset"):
         imagefm.preset("vit-huge-typo")
+
+
+def test_conv_stem_replaces_patch_embedding() -> None:
+    vision = dataclasses.replace(imagefm.preset("tiny").vision, stem="conv")
+    model = DualEncoder(imagefm.preset("tiny", vision=vision)).eval()
+    tokens = model.vision.forward_tokens(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 8 * 8, 128)  # same grid as the 8-pixel patches
+    # Three stride-2 stages reach the 8-pixel grid; the first sees only a 3x3 neighbourhood.
+    strides = [m.stride[0] for m in model.vision.patch_embed.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 1]
+    with pytest.raises(ConfigError, match="power-of-two"):
+        dataclasses.replace(vision, patch_size=12)

@@ -52,10 +52,17 @@ class VisionConfig:
     pre_norm: bool = True  # CLIP's ln_pre before the blocks
     pool: str = "cls"  # cls | map (SigLIP attention-pool head) | mean
     in_channels: int = 3
+    # patch: one strided convolution (ViT); conv: 3x3 stride-2 convolutions down to the patch
+    # grid ("Early convolutions help transformers see better"), much faster to train when small.
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         _check_choice("vision", "act", self.act, ACTIVATIONS)
         _check_choice("vision", "pool", self.pool, VISION_POOLS)
+        _check_choice("vision", "stem", self.stem, ("patch", "conv"))
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ConfigError(f"vision.stem = 'conv' needs a power-of-two patch_size >= 2, "
+                              f"got {self.patch_size}")
         _check_positive("vision", image_size=self.image_size, patch_size=self.patch_size,
                         width=self.width, layers=self.layers, heads=self.heads,
                         mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)

@@ -29,13 +29,40 @@ class AttentionPoolHead(nn.Module):
         return x[:, 0]
 
 
+class ConvStem(nn.Module):
+    """3x3 stride-2 convolutions from pixels to the patch grid, then a 1x1 to the width.
+
+    log2(patch_size) stages, channels doubling up to ``width``; a drop-in for the patch embedding.
+    """
+
+    def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        channels = [in_channels] + [max(width >> (stages - i), 16) for i in range(1, stages + 1)]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(channels[:-1], channels[1:], strict=True):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GELU()]
+        layers.append(nn.Conv2d(channels[-1], width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the dtype/device probe VisionTransformer uses
+        return self.layers[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         c = config
         self.config = c
-        self.patch_embed = nn.Conv2d(c.in_channels, c.width, c.patch_size, c.patch_size,
-                                     bias=c.patch_bias)
+        if c.stem == "conv":
+            self.patch_embed = ConvStem(c.in_channels, c.width, c.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(c.in_channels, c.width, c.patch_size, c.patch_size,
+                                         bias=c.patch_bias)
         self.class_token = (nn.Parameter(torch.randn(c.width) * c.width**-0.5)
                             if c.class_token else None)
         self.pos_embed = nn.Parameter(torch.randn(c.num_positions, c.width) * 0.02)
