@@ -1,0 +1,112 @@
+"""Where the Trainer's batches come from, named in the config as ``data.source``.
+
+The Trainer consumes ``make_loader(epoch) -> Iterable[batch dict]``. For an exact resume the
+loader must be DETERMINISTIC GIVEN THE EPOCH: the same epoch yields the same batches in the same
+order, whatever the global random state (seed any shuffling from (seed, epoch)). Under
+torch.distributed each rank's loader yields that rank's share of the global batch: rank ``r``
+takes rows ``[r * n, (r + 1) * n)`` of a global batch of ``world_size * n`` rows, so the
+distributed losses see the same global batch a single process would.
+
+A data source is a factory ``(config, model, dist_info) -> make_loader``. Register one with
+``register_data_source(name, factory)``, or name any importable ``"package.module:function"``.
+The built-in ``toy`` source makes deterministic random image–text pairs that a model can learn
+(smoke runs, tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from imagefm.config import ConfigError
+from imagefm.train.config import TrainConfig
+from imagefm.train.distributed import DistInfo
+
+LoaderFactory = Callable[[int], Iterable[dict]]
+DataSource = Callable[[TrainConfig, nn.Module, DistInfo], LoaderFactory]
+
+DATA_SOURCES: dict[str, DataSource] = {}
+
+
+def register_data_source(name: str, factory: DataSource) -> None:
+    """Make ``data.source=<name>`` build its loader with ``factory``."""
+    DATA_SOURCES[name] = factory
+
+
+def get_data_source(name: str) -> DataSource:
+    """A registered source, or an importable ``"package.module:function"``."""
+    if name in DATA_SOURCES:
+        return DATA_SOURCES[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise ConfigError(f"data.source = {name!r} is unknown; choose one of "
+                          f"{', '.join(sorted(DATA_SOURCES))} or write 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"data.source = {name!r} cannot be imported: {err}") from None
+
+
+def local_batch_size(global_batch: int, info: DistInfo) -> int:
+    if global_batch % info.world_size:
+        raise ConfigError(f"data.batch_size ({global_batch}) must be divisible by the number of "
+                          f"processes ({info.world_size})")
+    return global_batch // info.world_size
+
+
+class ToyPairs:
+    """Random image–text pairs with learnable structure, identical for a given (seed, epoch).
+
+    Each example belongs to one of ``classes`` classes; its image is the class's random
+    prototype plus noise, its text the class's random token sequence. Yields ``this rank's``
+    rows of each global batch as {"pixel_values", "input_ids", "attention_mask"}.
+    """
+
+    def __init__(self, *, batch_size: int, image_size: int, vocab_size: int, text_length: int = 8,
+                 classes: int = 16, batches_per_epoch: int = 8, noise: float = 0.5,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} not divisible by world_size {world_size}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batches_per_epoch, self.noise, self.seed = batches_per_epoch, noise, seed
+        generator = torch.Generator().manual_seed(seed)
+        self.prototypes = torch.randn(classes, 3, image_size, image_size, generator=generator)
+        self.texts = torch.randint(1, vocab_size, (classes, text_length), generator=generator)
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        local = self.batch_size // self.world_size
+        rows = slice(self.rank * local, (self.rank + 1) * local)
+        for index in range(self.batches_per_epoch):
+            # One generator per (seed, epoch, batch): the batch never depends on what came before.
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            labels = torch.randint(len(self.texts), (self.batch_size,), generator=generator)
+            noise = torch.randn(self.batch_size, *self.prototypes.shape[1:], generator=generator)
+            pixels = self.prototypes[labels] + self.noise * noise
+            input_ids = self.texts[labels]
+            yield {"pixel_values": pixels[rows], "input_ids": input_ids[rows],
+                   "attention_mask": torch.ones_like(input_ids[rows])}
+
+
+TOY_OPTIONS = ("classes", "batches_per_epoch", "noise", "text_length")
+
+
+def toy_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> LoaderFactory:
+    """``data.source=toy``: ``ToyPairs`` shaped for ``model`` (options: see TOY_OPTIONS)."""
+    unknown = sorted(set(config.data.options) - set(TOY_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown data.options for the toy source: {', '.join(unknown)}; "
+                          f"known: {', '.join(TOY_OPTIONS)}")
+    local_batch_size(config.data.batch_size, info)
+    model_config: Any = model.config
+    options = {"text_length": min(8, model_config.text.context_length), **config.data.options}
+    return ToyPairs(batch_size=config.data.batch_size, image_size=model_config.vision.image_size,
+                    vocab_size=model_config.text.vocab_size, seed=config.run.seed,
+                    rank=info.rank, world_size=info.world_size, **options)
+
+
+register_data_source("toy", toy_source)

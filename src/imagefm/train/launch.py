@@ -1,0 +1,105 @@
+"""From a config to a finished run: build the model, task and data, then run the Trainer.
+
+    python -m imagefm.train config.yaml train.steps=300 model.preset=tiny [--resume]
+    torchrun --nproc-per-node 4 -m imagefm.train config.yaml
+    imagefm train config.yaml train.steps=300
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from imagefm.config import ConfigError, DualEncoderConfig, preset
+from imagefm.train import distributed
+from imagefm.train.config import TrainConfig, load_config
+from imagefm.train.data import get_data_source, local_batch_size
+from imagefm.train.tasks import ContrastiveTask
+from imagefm.train.trainer import Trainer, seed_everything
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """A fresh model from ``model.preset`` (+ ``model.config`` overrides) or ``model.init``."""
+    if config.model.init is not None:
+        if config.model.config:
+            raise ConfigError("model.config overrides apply to presets only; with model.init the "
+                              "architecture comes from the checkpoint")
+        from imagefm.checkpoint import load
+
+        return load(config.model.init).train()
+    from imagefm.models.dual_encoder import DualEncoder
+
+    data = _merge(preset(config.model.preset).to_dict(), config.model.config)
+    return DualEncoder(DualEncoderConfig.from_dict(data))
+
+
+def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask:
+    """The task named by ``task.name``; ``task.loss=auto`` follows the model's type."""
+    loss = config.task.loss
+    if loss == "auto":
+        loss = getattr(getattr(model, "config", None), "model_type", "clip")
+    return ContrastiveTask(loss, max_logit_scale=config.task.max_logit_scale,
+                           gather_with_grad=config.task.gather_with_grad,
+                           local_loss=config.task.local_loss)
+
+
+def run(config: TrainConfig) -> Path:
+    """Train as ``config`` says (under torchrun too); return the run folder."""
+    started_here = not distributed.current().enabled
+    info = distributed.init_distributed(config.run.device)
+    try:
+        local_batch_size(config.data.batch_size, info)  # fail before building anything
+        seed_everything(config.run.seed)  # the same initial weights on every rank
+        model = build_model(config)
+        task = build_task(config, model)
+        make_loader = get_data_source(config.data.source)(config, model, info)
+        return Trainer(model, task, config, make_loader).fit()
+    finally:
+        if started_here:
+            distributed.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m imagefm.train``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m imagefm.train",
+                                     description="Train a model from a YAML/TOML config.")
+    parser.add_argument("config", help="config file (.yaml/.toml), or a first key=value override")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        return train_from_args(args.config, args.overrides, resume=args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train_from_args(config_path: str | None, overrides: list[str], *, resume: bool = False
+                    ) -> int:
+    """Load and validate the config, then run it. Shared by the CLI and ``python -m``."""
+    overrides = list(overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).is_file():
+        overrides.insert(0, config_path)  # no file given: defaults plus overrides
+        config_path = None
+    if resume:
+        overrides.append("run.resume=true")
+    config = load_config(config_path, overrides)
+    run_dir = run(config)
+    if distributed.current().is_main:
+        print(f"run finished: {run_dir}")
+    return 0
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

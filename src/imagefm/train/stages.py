@@ -1,0 +1,93 @@
+"""Stages as data: which parameters train, and at what learning-rate multiplier.
+
+A stage is a list of frozen name prefixes plus per-prefix learning-rate multipliers:
+
+    stage:
+      preset: lit                  # adds "vision" to the frozen prefixes (LiT: lock image tower)
+      unlock_last_n: {vision: 2}   # ...but thaw its last 2 blocks and whatever follows them
+      lr_mult: {text: 1.0, vision: 0.1}
+
+Prefixes match whole name components: ``vision`` matches ``vision.blocks.0.fc1.weight`` but
+not ``vision_proj.weight``. A prefix that matches nothing is an error (it is almost always a
+typo), reported with the model's top-level module names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from imagefm.config import ConfigError
+from imagefm.train.config import STAGE_PRESETS, StageConfig
+
+_BLOCK_INDEX = re.compile(r"\.(?:blocks|layers)\.(\d+)\.")
+
+
+def matches(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under ``prefix`` (on a ``.`` boundary)."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, float]:
+    """Set ``requires_grad`` per the stage; return ``{name: lr_mult}`` of trainable parameters."""
+    names = [name for name, _ in model.named_parameters()]
+    frozen = STAGE_PRESETS[stage.preset] + list(stage.frozen)
+    for key, prefixes in (("stage.frozen", frozen), ("stage.lr_mult", list(stage.lr_mult)),
+                          ("stage.unlock_last_n", list(stage.unlock_last_n))):
+        for prefix in prefixes:
+            _require_match(key, prefix, names, model)
+
+    unlocked: set[str] = set()
+    for tower, count in stage.unlock_last_n.items():
+        if not any(matches(tower, prefix) for prefix in frozen):
+            raise ConfigError(f"stage.unlock_last_n.{tower} has no effect: {tower!r} is not "
+                              f"frozen (add it to stage.frozen or use stage.preset=lit)")
+        unlocked |= last_blocks_and_after(names, tower, count)
+
+    mults: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        is_frozen = any(matches(name, p) for p in frozen) and name not in unlocked
+        param.requires_grad_(not is_frozen)
+        if not is_frozen:
+            mults[name] = _lr_mult(name, stage.lr_mult)
+    if not mults:
+        raise ConfigError("the stage freezes every parameter: nothing would train")
+    return mults
+
+
+def last_blocks_and_after(names: list[str], tower: str, count: int) -> set[str]:
+    """Names under ``tower`` in its last ``count`` blocks or registered after its blocks.
+
+    "After" uses registration order, so a vision tower's final norm and pooling head thaw with
+    its last blocks, while the patch embedding and positions (registered before) stay locked.
+    """
+    under = [n for n in names if matches(n, tower)]
+    indices = [(n, _block_index(n, tower)) for n in under]
+    block_ids = [i for _, i in indices if i is not None]
+    if not block_ids:
+        raise ConfigError(f"stage.unlock_last_n.{tower}: no '.blocks.N.' or '.layers.N.' "
+                          f"parameters under {tower!r}")
+    first_kept = max(block_ids) + 1 - count
+    last_block_position = max(pos for pos, (_, i) in enumerate(indices) if i is not None)
+    return {name for pos, (name, i) in enumerate(indices)
+            if (i is not None and i >= first_kept) or (i is None and pos > last_block_position
+                                                       and count > 0)}
+
+
+def _block_index(name: str, tower: str) -> int | None:
+    found = _BLOCK_INDEX.search(name[len(tower.rstrip(".")):])
+    return int(found.group(1)) if found else None
+
+
+def _lr_mult(name: str, lr_mult: dict[str, float]) -> float:
+    best = max((p for p in lr_mult if matches(name, p)), key=len, default=None)
+    return 1.0 if best is None else lr_mult[best]
+
+
+def _require_match(key: str, prefix: str, names: list[str], model: nn.Module) -> None:
+    if not any(matches(name, prefix) for name in names):
+        top = ", ".join(name for name, _ in model.named_children())
+        raise ConfigError(f"{key}: {prefix!r} matches no parameter of the model; its top-level "
+                          f"modules are: {top}")

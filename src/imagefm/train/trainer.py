@@ -1,0 +1,350 @@
+"""The one training loop. It knows nothing of CLIP: a Task turns a batch into (loss, metrics).
+
+    trainer = Trainer(model, ContrastiveTask("clip"), config, make_loader)
+    trainer.fit()            # -> the run folder
+
+One step: batch -> device -> task loss (under autocast; GradCache when configured) -> backward
+-> gradient norm (clipped) -> skip if non-finite, else optimizer step + task.after_step + EMA
+-> scheduler -> metrics, progress bar, checkpoint every ``run.checkpoint_every`` steps.
+
+``make_loader(epoch)`` returns an iterable of batch dicts for that epoch (a DataLoader works
+too). For an exact ``run.resume`` it must be deterministic given the epoch: the Trainer records
+(epoch, batches consumed) and, on resume, re-creates that epoch's loader and skips the batches
+already trained on. Every step is one batch; ``train.steps`` counts batches, including any
+skipped for a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imagefm.config import ConfigError
+from imagefm.train import distributed
+from imagefm.train import state as run_state
+from imagefm.train.config import TrainConfig
+from imagefm.train.gradcache import gradcache_backward
+from imagefm.train.metrics import MetricsLogger
+from imagefm.train.optim import ExponentialMovingAverage, build_optimizer, build_scheduler
+from imagefm.train.stages import apply_stage
+from imagefm.train.state import Progress, restore_rng
+from imagefm.train.tasks import Task
+
+LoaderFactory = Callable[[int], Iterable[dict]]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class Trainer:
+    """Trains ``model`` on ``task`` with the settings of ``config`` (see TrainConfig)."""
+
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig,
+                 make_loader: LoaderFactory | Iterable[dict]) -> None:
+        self.config, self.task = config, task
+        self.make_loader = as_loader_factory(make_loader)
+        self.dist = distributed.current()
+        self.device = distributed.resolve_device(config.run.device, self.dist)
+        self.autocast_dtype = resolve_precision(config.train.precision, self.device)
+        self.run_dir = config.run_dir
+        self.gradcache = config.train.gradcache_chunk > 0
+        if self.gradcache and not hasattr(task, "embed"):
+            raise ConfigError(f"train.gradcache_chunk needs a task with embed/embedding_loss; "
+                              f"{type(task).__name__} has none")
+
+        lr_mults = apply_stage(model, config.stage)  # freezing happens before any wrapping
+        if config.model.gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
+        self.model = model.to(self.device)  # the bare model: saving, EMA, after_step
+        if config.model.compile:
+            self.model.compile()  # in place: state-dict names stay the same
+        # What the task calls, and parameters whose gradients no wrapper averages over ranks.
+        self.wrapped, self.unsynced = self._wrap(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config.optim, lr_mults)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.steps)
+        self.ema = (ExponentialMovingAverage(self.model, config.train.ema_decay)
+                    if config.train.ema_decay > 0 else None)
+        self.progress = Progress()
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
+                                    tensorboard=config.run.tensorboard)
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train until ``train.steps``; return the run folder."""
+        self._start_run()
+        steps, progress = self.config.train.steps, self.progress
+        bar = self._progress_bar()
+        last_saved = progress.step if progress.step else None
+        clock = time.perf_counter()
+        try:
+            batches = self._batches() if progress.step < steps else iter(())
+            for epoch, index, batch in batches:
+                if self._rng_to_restore is not None:  # a resumed run: continue the random streams
+                    restore_rng(self._rng_to_restore)
+                    self._rng_to_restore = None
+                record = self.train_step(batch)
+                progress.step += 1
+                progress.epoch, progress.batch_in_epoch = epoch, index + 1
+                progress.samples += record["samples"]
+                now = time.perf_counter()  # the step's time includes waiting for its batch
+                elapsed, clock = max(now - clock, 1e-9), now
+                record.update(epoch=epoch, samples_per_s=record.pop("samples") / elapsed)
+                self._report(record, bar)
+                if progress.step % self.config.run.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = progress.step
+                    clock = time.perf_counter()  # saving is not part of the next step's speed
+                if progress.step >= steps:
+                    break
+        finally:
+            bar.close()
+        if last_saved != progress.step:
+            self.save_checkpoint()
+        self.export()
+        self.logger.close()
+        return self.run_dir
+
+    def train_step(self, batch: dict) -> dict[str, Any]:
+        """One optimizer step on one batch; returns the step's metrics."""
+        batch = to_device(batch, self.device)
+        self.wrapped.train()
+        if self.gradcache:
+            loss, metrics = gradcache_backward(self.wrapped, self.task, batch,
+                                               self.config.train.gradcache_chunk, self._autocast)
+        else:
+            with self._autocast():
+                loss, metrics = self.task.loss(self.wrapped, batch)
+            loss.backward()  # DDP / FSDP average the gradients over ranks here...
+        distributed.average_gradients(self.unsynced)  # ...except these
+        loss_value = distributed.mean_over_ranks(loss.detach().float()).item()
+        grad_norm = self._clip_gradients()
+
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            after_step = getattr(self.task, "after_step", None)
+            if after_step is not None:
+                after_step(self.wrapped)
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.progress.bad_steps_in_row = 0
+        else:
+            self._count_bad_step(loss_value, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        # The base learning rate of this step (groups scale it by their stage multiplier).
+        lr = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.step()
+        return {"step": self.progress.step + 1, "loss": loss_value, "lr": lr,
+                "grad_norm": grad_norm,
+                "samples": batch_rows(batch) * self.dist.world_size,
+                "skipped_steps": self.progress.skipped_steps,
+                **{k: _as_float(v) for k, v in metrics.items()}}
+
+    # --- pieces of a step ------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _clip_gradients(self) -> float:
+        """The global gradient norm (clipped to ``optim.grad_clip`` when that is > 0)."""
+        return distributed.clip_grad_norm(self.params, self.config.optim.grad_clip or math.inf)
+
+    def _count_bad_step(self, loss_value: float, grad_norm: float) -> None:
+        progress, limit = self.progress, self.config.train.max_bad_steps
+        progress.skipped_steps += 1
+        progress.bad_steps_in_row += 1
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"step {progress.step + 1}: non-finite loss {loss_value} / gradient norm "
+                       f"{grad_norm}; step skipped ({progress.skipped_steps} so far)")
+        if progress.bad_steps_in_row > limit:
+            raise TrainingError(
+                f"{progress.bad_steps_in_row} non-finite losses in a row (step "
+                f"{progress.step + 1}); stopping. Lower optim.lr, raise optim.warmup_steps, try "
+                f"train.precision=fp32 or check the data; train.max_bad_steps={limit} sets how "
+                f"many are tolerated. Resume from the last checkpoint with run.resume=true.")
+
+    def _report(self, record: dict[str, Any], bar) -> None:
+        bar.update(1)
+        if record["loss"] is not None and math.isfinite(record["loss"]):
+            bar.set_postfix(loss=f"{record['loss']:.4f}",
+                            samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
+        if self.progress.step % self.config.run.log_every == 0:
+            self.logger.log(record)
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, index in epoch, batch) forever, skipping batches a resumed run already did."""
+        epoch, skip = self.progress.epoch, self.progress.batch_in_epoch
+        while True:
+            produced = 0
+            for index, batch in enumerate(self.make_loader(epoch)):
+                produced += 1
+                if index >= skip:
+                    yield epoch, index, batch
+            if produced == 0:
+                raise TrainingError(f"make_loader({epoch}) yielded no batches: the data source "
+                                    f"is empty (or smaller than one batch)")
+            epoch, skip = epoch + 1, 0
+
+    # --- run folder, checkpoints, export ---------------------------------------------------------
+
+    def _start_run(self) -> None:
+        """Create the run folder, save the config, resume or refuse to overwrite a run."""
+        checkpoint = run_state.latest_checkpoint(self.run_dir)
+        if checkpoint is not None and not self.config.run.resume:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume "
+                              f"(run.resume=true) to continue it, or choose another run.name")
+        distributed.barrier()  # every rank has looked before rank 0 writes anything
+        if self.dist.is_main:
+            from imagefm.checkpoint import atomic_write_text
+
+            atomic_write_text(self.run_dir / "config.yaml", self.config.to_yaml())
+        seed_everything(self.config.run.seed + self.dist.rank)
+        if checkpoint is not None:
+            self.progress, self._rng_to_restore, _ = run_state.load_run_state(
+                checkpoint, model=self.wrapped, optimizer=self.optimizer,
+                scheduler=self.scheduler, ema=self.ema)
+            self.logger.keep_until(self.progress.step)
+            if self.dist.is_main:
+                print(f"resumed {self.run_dir} at step {self.progress.step} "
+                      f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch})")
+        elif self.config.run.resume and self.dist.is_main:
+            print(f"run.resume: no checkpoint in {self.run_dir}; starting from step 0")
+
+    def save_checkpoint(self) -> Path:
+        """Write a run checkpoint for the current step (every rank must call this)."""
+        path = run_state.save_run_state(
+            run_state.checkpoint_path(self.run_dir, self.progress.step), model=self.wrapped,
+            optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
+            progress=self.progress, config=self.config.to_dict(),
+            keep_last=self.config.run.keep_last)
+        self.logger.plot()
+        return path
+
+    def export(self) -> None:
+        """Save the final weights as a model checkpoint: ``final/`` (and ``final_ema/``)."""
+        # Gathering sharded weights is a collective: every rank takes part, rank 0 writes.
+        fsdp = distributed.is_fsdp(self.model)
+        weights = run_state.full_model_state(self.model) if fsdp else None
+        ema = self.ema.state_dict() if self.ema is not None else None
+        if self.dist.is_main:
+            save_weights(self.model, weights, self.run_dir / "final")
+            if ema is not None:
+                save_weights(self.model, ema, self.run_dir / "final_ema")
+            self.logger.plot()
+        distributed.barrier()
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return run_state.list_checkpoints(self.run_dir)
+
+    # --- set-up helpers --------------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+        if not self.dist.enabled:
+            return model, []
+        if self.gradcache:  # several backward passes per step: we average gradients ourselves
+            distributed.broadcast_parameters(model)
+            return model, [p for p in model.parameters() if p.requires_grad]
+        return distributed.wrap_model(model, self.config.train.strategy, self.device)
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.train.steps, initial=self.progress.step, unit="step",
+                    disable=not (self.dist.is_main and self.config.run.progress),
+                    dynamic_ncols=True, desc=self.config.run.name)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def as_loader_factory(source: LoaderFactory | Iterable[dict]) -> LoaderFactory:
+    """Accept ``make_loader(epoch)`` or a re-iterable such as a DataLoader."""
+    if callable(source) and not hasattr(source, "__iter__"):
+        return source
+
+    def make_loader(epoch: int) -> Iterable[dict]:
+        # Loaders that reshuffle per epoch say so with set_epoch (imagefm.data's loaders),
+        # DataLoaders through their sampler (DistributedSampler).
+        for owner in (source, getattr(source, "sampler", None)):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
+        return source
+
+    return make_loader
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where supported (``auto``/``bf16``), None for fp32."""
+    if choice == "fp32":
+        return None
+    supported = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    if choice == "bf16" and not supported:
+        raise ConfigError("train.precision=bf16 but this GPU has no bfloat16; use fp32")
+    return torch.bfloat16 if supported else None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
+
+
+def batch_rows(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_weights(model: nn.Module, state: dict[str, torch.Tensor] | None,
+                 directory: Path) -> None:
+    """Save ``model`` (with ``state`` instead of its own weights, if given) to ``directory``.
+
+    Models with ``save_pretrained`` become imagefm checkpoints; to save other weights into one,
+    a CPU copy is rebuilt as ``type(model)(model.config, model.card)``. Anything else is saved
+    as bare safetensors weights.
+    """
+    if state is not None and hasattr(model, "save_pretrained"):
+        try:
+            copy = type(model)(model.config, getattr(model, "card", None))
+        except (AttributeError, TypeError):
+            copy = None
+        if copy is not None:
+            copy.load_state_dict(state)
+            copy.tokenizer = getattr(model, "tokenizer", None)
+            model, state = copy, None
+    if state is None and hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+        return
+    from imagefm.checkpoint import save_state_dict
+
+    save_state_dict(state if state is not None else model.state_dict(),
+                    directory / "model.safetensors")
+
+
+def _as_float(value: Any) -> Any:
+    return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
