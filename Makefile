@@ -29,7 +29,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(VENV)/bin/imagefm demo
+	$(VENV)/bin/imagefm quickstart
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -429,3 +429,35 @@ def test_cli_writes_shards(tmp_path) -> None:
 def test_benchmark_reports_speed() -> None:
     result = benchmark("scenes", 8, image_size=SIZE)
     assert result["n"] == 8 and result["images_per_s"] > 0
+
+
+def test_minimal_pair_groups_differ_in_one_attribute_only() -> None:
+    from imagefm.data.synthetic import generate
+
+    records = list(generate("pairs", 160, seed=3, workers=1, group_size=4, mixed=0.0))
+    varied = {"shape": 0, "colour": 0}
+    for g in range(0, len(records), 4):
+        scenes = [r.meta["scene"] for r in records[g:g + 4]]
+        assert len({r.meta["group"] for r in records[g:g + 4]}) == 1
+        objects = [s["objects"][0] for s in scenes]
+        # Everything but the object's shape or colour is shared inside a group...
+        for key in ("background", "region", "detail_seed", "layout"):
+            assert len({str(s[key]) for s in scenes}) == 1, key
+        for key in ("size", "texture", "x", "y"):
+            assert len({o[key] for o in objects}) == 1, key
+        shapes, colours = {o["shape"] for o in objects}, {o["colour"] for o in objects}
+        # ...and exactly one of shape / colour varies.
+        assert (len(shapes) == 1) != (len(colours) == 1)
+        varied["shape" if len(shapes) > 1 else "colour"] += 1
+        assert all(o["colour"] != scenes[0]["background"]["colour"] for o in objects)
+    assert min(varied.values()) > 5  # both kinds of group occur
+
+
+def test_minimal_pairs_respect_held_out_and_mix_layouts() -> None:
+    from imagefm.data.synthetic import DEFAULT_HELD_OUT, generate
+
+    records = list(generate("pairs", 400, seed=4, workers=1, mixed=0.3))
+    combos = {(o["colour"], o["shape"]) for r in records for o in r.meta["scene"]["objects"]}
+    assert not combos & set(DEFAULT_HELD_OUT)
+    layouts = {r.meta["scene"]["layout"] for r in records}
+    assert layouts == {"single", "count", "pair"}

@@ -23,7 +23,14 @@ from imagefm.data.records import Caption, Record
 from imagefm.data.synthetic.captions import scene_captions
 from imagefm.data.synthetic.defects import defect_record
 from imagefm.data.synthetic.drawing import encode_png
-from imagefm.data.synthetic.scenes import LAYOUTS, SceneConfig, render_scene, sample_scene
+from imagefm.data.synthetic.pairs import member_spec
+from imagefm.data.synthetic.scenes import (
+    LAYOUTS,
+    SceneConfig,
+    SceneSpec,
+    render_scene,
+    sample_scene,
+)
 from imagefm.data.synthetic.text_render import hangul_fonts, text_record
 from imagefm.data.synthetic.vocab import COLOUR_NAMES, DEFAULT_HELD_OUT, SHAPE_NAMES
 from imagefm.data.synthetic.vqa import conversation, pick_questions, scene_questions
@@ -32,7 +39,8 @@ log = logging.getLogger(__name__)
 
 LICENSE = "generated, CC0"
 SPLITS = ("train", "eval", "all")
-_KIND_IDS = {"scenes": 1, "vqa": 2, "text": 3, "defects": 4}
+_KIND_IDS = {"scenes": 1, "vqa": 2, "text": 3, "defects": 4, "pairs": 5}
+_GROUP_STREAM = 100  # offset of the per-group random streams of "pairs"
 _SPLIT_IDS = {"train": 0, "eval": 1, "all": 2}
 # Attributes a scene record can be labelled by, with the class order of the label index.
 LABEL_CLASSES = {"colour": COLOUR_NAMES, "shape": SHAPE_NAMES}
@@ -57,8 +65,34 @@ def scene_record(rng: np.random.Generator, *, key: str, image_size: int, split: 
     """
     if label_by is not None:
         layouts = ("single",)
-    config = _scene_config(split, held_out, max_count, layouts)
-    spec = sample_scene(rng, config)
+    spec = sample_scene(rng, _scene_config(split, held_out, max_count, layouts))
+    return _spec_record(spec, rng, key=key, image_size=image_size, split=split,
+                        captions_per_lang=captions_per_lang, label_by=label_by,
+                        supersample=supersample, source="synthetic/scenes")
+
+
+def pairs_record(rng: np.random.Generator, *, key: str, image_size: int, split: str,
+                 group_rng: np.random.Generator | None = None, member: int = 0,
+                 group_size: int = 4, mixed: float = 0.2,
+                 held_out: Iterable[Sequence[str]] | None = None, max_count: int = 5,
+                 captions_per_lang: int = 2, supersample: int | None = None) -> Record:
+    """A scene of a minimal-pair group (see ``imagefm.data.synthetic.pairs``)."""
+    if group_size < 1 or not 0 <= mixed <= 1:
+        raise ValueError(f"group_size must be >= 1 and mixed in [0, 1], got {group_size}, "
+                         f"{mixed}")
+    config = _scene_config(split, held_out, max_count, LAYOUTS)
+    spec = member_spec(group_rng if group_rng is not None else rng, rng, member, config,
+                       group_size, mixed)
+    record = _spec_record(spec, rng, key=key, image_size=image_size, split=split,
+                          captions_per_lang=captions_per_lang, label_by=None,
+                          supersample=supersample, source="synthetic/pairs")
+    record.meta["group"] = key.rsplit("-", 1)[0] + f"-g{int(key.rsplit('-', 1)[1]) // group_size}"
+    return record
+
+
+def _spec_record(spec: SceneSpec, rng: np.random.Generator, *, key: str, image_size: int,
+                 split: str, captions_per_lang: int, label_by: str | None,
+                 supersample: int | None, source: str) -> Record:
     image = render_scene(spec, image_size, supersample)
     captions = [Caption(text, lang) for lang in ("en", "ko")
                 for text in scene_captions(spec, lang, rng, captions_per_lang)]
@@ -68,7 +102,7 @@ def scene_record(rng: np.random.Generator, *, key: str, image_size: int, split: 
         label_name = getattr(spec.objects[0], label_by)
         label = names.index(label_name)
     return Record(key=key, image=encode_png(image), captions=captions, label=label,
-                  label_name=label_name, split=split, source="synthetic/scenes",
+                  label_name=label_name, split=split, source=source,
                   license=LICENSE, meta={"scene": spec.to_dict()})
 
 
@@ -96,6 +130,7 @@ def vqa_record(rng: np.random.Generator, *, key: str, image_size: int, split: st
 
 BUILDERS: dict[str, Callable[..., Record]] = {
     "scenes": scene_record, "vqa": vqa_record, "text": text_record, "defects": defect_record,
+    "pairs": pairs_record,
 }
 KINDS = tuple(BUILDERS)
 
@@ -130,7 +165,7 @@ def check_request(kind: str, seed: int, image_size: int, split: str,
     if options.get("label_by") not in (None, *LABEL_CLASSES):
         raise ValueError(f"label_by must be one of {tuple(LABEL_CLASSES)}, "
                          f"got {options['label_by']!r}")
-    if kind in ("scenes", "vqa"):
+    if kind in ("scenes", "vqa", "pairs"):
         _scene_config(split, options.get("held_out"), options.get("max_count", 5),
                       options.get("layouts", LAYOUTS))
     if kind == "text":
@@ -142,6 +177,10 @@ def make_record(kind: str, index: int, *, seed: int = 0, image_size: int = 64,
     """Sample ``index`` of a synthetic dataset (usable directly as a map-style dataset)."""
     rng = sample_rng(kind, seed, split, index)
     key = sample_key(kind, seed, split, index)
+    if kind == "pairs":  # members of one group share the group's random stream
+        group = index // options.get("group_size", 4)
+        options = {**options, "member": index % options.get("group_size", 4),
+                   "group_rng": sample_rng(kind, seed + _GROUP_STREAM, split, group)}
     return BUILDERS[kind](rng, key=key, image_size=image_size, split=split, **options)
 
 
