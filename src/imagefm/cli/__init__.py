@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Modules under imagefm.cli that contribute commands through `register(app)`.
-COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart")
+COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm")
 
 
 def _version(value: bool) -> None:

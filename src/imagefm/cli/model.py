@@ -11,7 +11,10 @@ import typer
 def describe(model: Any, source: str) -> list[tuple[str, str]]:
     """Rows (name, value) that describe a loaded model: architecture, size, preprocessing card."""
     from imagefm.checkpoint import architecture_name
+    from imagefm.models.decoder import DecoderLM
 
+    if isinstance(model, DecoderLM):
+        return _describe_lm(model, source)
     c = model.config
     v, t = c.vision, c.text
     rows = [
@@ -37,6 +40,23 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
     tok = getattr(model, "tokenizer", None)
     rows.append(("tokenizer", "none" if tok is None else f"vocab {tok.vocab_size:,}"))
     return rows
+
+
+def _describe_lm(model: Any, source: str) -> list[tuple[str, str]]:
+    c = model.config
+    tok = getattr(model, "tokenizer", None)
+    return [
+        ("source", source),
+        ("architecture", f"decoder_lm ({c.model_type})"),
+        ("parameters", f"{model.num_parameters:,}"
+                       f"{' (tied embeddings)' if c.tie_embeddings else ''}"),
+        ("decoder", f"width {c.width}, {c.layers} layers, {c.heads} heads / {c.kv_heads} kv heads, "
+                    f"mlp {c.mlp_dim}, context {c.context_length}, rope theta {c.rope_theta:g}"
+                    + (f" ({c.rope_scaling} x{c.rope_factor:g})"
+                       if c.rope_scaling != "default" else "")),
+        ("tokenizer", "none" if tok is None else f"vocab {tok.vocab_size:,}"),
+        ("chat template", "own" if getattr(model, "chat_template", None) else "ChatML (default)"),
+    ]
 
 
 def _count(module: Any) -> int:
@@ -76,9 +96,16 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--to must be 'imagefm' or 'hf', got {to!r}")
         model = imagefm.load(src, arch=arch)
         if to == "hf":
-            from imagefm.convert.hf import export_hf
+            from imagefm.models.decoder import DecoderLM
 
-            export_hf(model, dst)
+            if isinstance(model, DecoderLM):
+                from imagefm.convert.llama import export_hf_lm
+
+                export_hf_lm(model, dst)
+            else:
+                from imagefm.convert.hf import export_hf
+
+                export_hf(model, dst)
         else:
             model.save_pretrained(dst)
         typer.echo(f"wrote {to} checkpoint to {dst}")

@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagefm.config import DualEncoderConfig, ImageCard, default_card
+from imagefm.config import ConfigError, DualEncoderConfig, ImageCard, TextConfig, default_card
 from imagefm.models.text import TextTransformer
 from imagefm.models.vit import VisionTransformer
 
@@ -39,6 +41,35 @@ def _projection(kind: str, width: int, embed_dim: int) -> nn.Module:
     return layer
 
 
+def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
+    """Refuse a tokenizer the text tower would pool wrongly.
+
+    CLIP's "argmax" pooling reads the output at the largest token id, which is the end-of-text
+    token only when EOS is the last id of the vocabulary (as in CLIP's own BPE). With any other
+    tokenizer it would pool at an arbitrary word and, under the causal mask, never see the rest
+    of the caption: training still runs, but the model cannot learn what comes after that word.
+    """
+    eos = getattr(tokenizer, "eos_id", None)
+    argmax = text.causal and text.pool == "argmax"
+    if argmax and eos is not None and eos != tokenizer.vocab_size - 1:
+        raise ConfigError(
+            f"text.pool = 'argmax' pools at the largest token id, but this tokenizer's "
+            f"end-of-text id is {eos}, not {tokenizer.vocab_size - 1}: set text.pool = 'eos' and "
+            f"text.eos_token_id = {eos}")
+
+
+def fit_text_to_tokenizer(config: DualEncoderConfig, tokenizer: Any) -> DualEncoderConfig:
+    """``config`` with the text tower sized for ``tokenizer`` (vocabulary, context length) and,
+    when argmax pooling would miss its end-of-text token, pooling at that token's id instead."""
+    text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size,
+                               context_length=tokenizer.context_length or
+                               config.text.context_length)
+    eos = getattr(tokenizer, "eos_id", None)
+    if text.causal and text.pool == "argmax" and eos is not None and eos != text.vocab_size - 1:
+        text = dataclasses.replace(text, pool="eos", eos_token_id=eos)
+    return dataclasses.replace(config, text=text)
+
+
 class DualEncoder(nn.Module):
     """A CLIP or SigLIP model. ``card`` is the image preprocessing it expects."""
 
@@ -47,7 +78,7 @@ class DualEncoder(nn.Module):
         self.config = config
         self.card = card or default_card(config)
         # The tokenizer travels with the model so a checkpoint is self-contained; loaders set it.
-        self.tokenizer = None
+        self._tokenizer: Any = None
         self.vision = VisionTransformer(config.vision)
         self.text = TextTransformer(config.text)
         self.image_proj = _projection(config.image_projection, config.vision.width,
@@ -56,6 +87,16 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        if tokenizer is not None:
+            check_text_pooling(self.config.text, tokenizer)
+        self._tokenizer = tokenizer
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings [B, D], not normalised (as HF ``get_image_features``)."""

@@ -1,0 +1,388 @@
+"""Image search and serving benchmarks: indexing speed, query latency/recall, server throughput.
+
+Three parts, each optional (default: all, with sizes that finish in minutes on 2 cores):
+
+* ``indexing``: synthetic scene images written as JPEG files, indexed end to end (walk, decode
+  in worker processes, embed, SQLite, FAISS); prints images/s.
+* ``vectors``: synthetic unit vectors shaped like image embeddings (clusters in a low-dimensional
+  subspace plus noise, not uniform noise, which no ANN index handles well and no model
+  produces); for each size, exact (flat) vs HNSW per ``ef_search`` (and optionally IVF-PQ): build
+  time, single-query latency p50/p99 and recall@10 against exact search.
+* ``server``: the real server (uvicorn, in a subprocess) under C concurrent loopback clients,
+  dynamic batching on (``max_batch``) vs off (``max_batch=1``): requests/s, latency p50/p99 and
+  the mean batch size the model saw.
+
+    python benchmarks/bench_search.py                                   # all, small sizes
+    python benchmarks/bench_search.py --parts vectors --sizes 10000,100000,1000000
+    python benchmarks/bench_search.py --parts server --preset small --clients 32 --duration 10
+    python benchmarks/bench_search.py --parts indexing --images 2000 --preset small
+
+Everything stays on 127.0.0.1; the server part runs a bounded number of seconds per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def tiny_tokenizer(context_length: int):
+    """A small English + Korean BPE so random checkpoints can be saved and served."""
+    from imagefm.data.synthetic.vocab import COLOURS, SHAPES
+    from imagefm.tokenizer import train_bpe
+
+    texts = [f"a photo of a {c.en} {s.en}" for c in COLOURS.values() for s in SHAPES.values()]
+    texts += [f"{c.ko} {s.ko} 사진" for c in COLOURS.values() for s in SHAPES.values()]
+    return train_bpe(texts * 2, vocab_size=600, context_length=context_length)
+
+
+def make_checkpoint(preset: str, out: Path) -> Path:
+    import torch
+
+    import imagefm
+    from imagefm.models.dual_encoder import DualEncoder
+
+    torch.manual_seed(0)
+    config = imagefm.preset(preset)
+    model = DualEncoder(config)
+    model.tokenizer = tiny_tokenizer(config.text.context_length)
+    model.save_pretrained(out)
+    return out
+
+
+# --- indexing -------------------------------------------------------------------------------------
+
+def bench_indexing(args: argparse.Namespace, work: Path) -> None:
+    from imagefm.apps.search import Index
+    from imagefm.data.image import open_image
+    from imagefm.data.synthetic import generate
+
+    checkpoint = Path(args.model) if args.model else make_checkpoint(args.preset,
+                                                                     work / "ckpt")
+    photos = work / "photos"
+    photos.mkdir()
+    started = time.perf_counter()
+    for i, record in enumerate(generate("scenes", args.images, seed=0,
+                                        image_size=args.image_px)):
+        folder = photos / f"{i // 500:03d}"
+        folder.mkdir(exist_ok=True)
+        open_image(record.image).save(folder / f"{i:06d}.jpg", quality=90)
+    print(f"wrote {args.images} JPEG files of {args.image_px}px in "
+          f"{time.perf_counter() - started:.1f} s")
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    started = time.perf_counter()
+    index = Index.build(photos, work / "photos.index", checkpoint, workers=workers,
+                        batch_size=args.batch_size, device=args.device)
+    seconds = time.perf_counter() - started
+    print(f"indexing ({args.model or args.preset}, {workers} decode workers, batch "
+          f"{args.batch_size}, {index.device}): {args.images} images in {seconds:.1f} s = "
+          f"{args.images / seconds:.1f} images/s end to end ({index.kind} index)")
+    started = time.perf_counter()
+    again = Index.build(photos, work / "photos.index", checkpoint, workers=workers)
+    print(f"re-run with nothing changed: {time.perf_counter() - started:.2f} s "
+          f"({again.last_report.unchanged} unchanged)")
+    index.close()
+    again.close()
+
+
+# --- vectors --------------------------------------------------------------------------------------
+
+def embedding_like(n: int, dim: int, seed: int, *, latent: int = 128, clusters: int = 10_000,
+                   chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors: cluster centres in a ``latent``-dim subspace, points spread around them as
+    far as the centres are apart, a random linear map to ``dim`` and a little full-dimensional
+    noise. Harder for HNSW than well-separated clusters, easier than uniform noise (which no
+    model produces). Generated in chunks; ``seed`` picks the points, the "model" is fixed."""
+    base = np.random.default_rng(1234)
+    centres = base.standard_normal((clusters, latent)).astype(np.float32)
+    lift = (base.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        z = centres[rng.integers(0, clusters, m)] + rng.standard_normal((m, latent),
+                                                                        dtype=np.float32)
+        x = z @ lift + 0.2 * rng.standard_normal((m, dim), dtype=np.float32)
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def query_latencies(index, queries: np.ndarray, k: int) -> tuple[list[float], np.ndarray]:
+    """One query per call (as a server does), milliseconds each, and the ids found."""
+    found = np.empty((len(queries), k), dtype=np.int64)
+    times = []
+    for i in range(len(queries)):
+        started = time.perf_counter()
+        _, ids = index.search(queries[i:i + 1], k)
+        times.append((time.perf_counter() - started) * 1000)
+        found[i] = ids[0]
+    return times, found
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth,
+                                                                      strict=True)]))
+
+
+def bench_vectors(args: argparse.Namespace) -> None:
+    import faiss
+
+    from imagefm.apps.search.vectors import VectorIndex, VectorIndexConfig
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    k = 10
+    efs = [int(x) for x in args.ef_search.split(",")]
+    print(f"vectors: dim {args.dim}, k={k}, {args.queries} single queries per setting, "
+          f"faiss {faiss.__version__}, {os.cpu_count()} cores")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        data = embedding_like(size, args.dim, seed=1)
+        queries = embedding_like(args.queries, args.dim, seed=2)
+        ids = np.arange(size, dtype=np.int64)
+        started = time.perf_counter()
+        flat = VectorIndex.build(data, ids, kind="flat")
+        flat_build = time.perf_counter() - started
+        exact_scores, truth = flat.search(queries, k)  # batched: the exact answers
+        exact_queries = queries[: max(20, args.queries // (10 if size >= 500_000 else 1))]
+        times, _ = query_latencies(flat, exact_queries, k)
+        print(f"  n={size:>9,}  flat   build {flat_build:7.1f} s  p50 {percentile(times, 50):7.3f}"
+              f" ms  p99 {percentile(times, 99):7.3f} ms  recall@10 1.000  "
+              f"({len(exact_queries)} queries; mean cosine of the true 1st/10th neighbour "
+              f"{exact_scores[:, 0].mean():.3f}/{exact_scores[:, -1].mean():.3f})")
+        del flat
+        config = VectorIndexConfig(hnsw_m=args.hnsw_m,
+                                   hnsw_ef_construction=args.ef_construction)
+        started = time.perf_counter()
+        hnsw = VectorIndex.build(data, ids, config, kind="hnsw")
+        build = time.perf_counter() - started
+        print(f"  n={size:>9,}  hnsw   build {build:7.1f} s  (M={args.hnsw_m}, "
+              f"ef_construction={args.ef_construction})")
+        for ef in efs:
+            hnsw.config.hnsw_ef_search = ef
+            query_latencies(hnsw, queries[:50], k)  # warm caches
+            times, found = query_latencies(hnsw, queries, k)
+            print(f"  n={size:>9,}  hnsw   ef_search={ef:<4d} p50 {percentile(times, 50):7.3f} ms"
+                  f"  p99 {percentile(times, 99):7.3f} ms  recall@10 {recall(found, truth):.3f}")
+        del hnsw
+        if args.ivfpq:
+            started = time.perf_counter()
+            ivf = VectorIndex.build(data, ids, VectorIndexConfig(), kind="ivfpq")
+            build = time.perf_counter() - started
+            for nprobe in (16, 64):
+                ivf.config.ivf_nprobe = nprobe
+                times, found = query_latencies(ivf, queries, k)
+                print(f"  n={size:>9,}  ivfpq  build {build:7.1f} s  nprobe={nprobe:<3d} p50 "
+                      f"{percentile(times, 50):7.3f} ms  p99 {percentile(times, 99):7.3f} ms  "
+                      f"recall@10 {recall(found, truth):.3f}")
+            del ivf
+        del data
+
+
+# --- server ---------------------------------------------------------------------------------------
+
+SERVER_SCRIPT = """
+import sys, uvicorn, imagefm
+from imagefm.serve import ServeSettings, create_app
+model = imagefm.load(sys.argv[1]).to(sys.argv[5]).eval()
+settings = ServeSettings(port=int(sys.argv[2]), max_batch=int(sys.argv[3]),
+                         max_wait_ms=float(sys.argv[4]), max_queue=4096, timeout_s=120)
+uvicorn.run(create_app(model, settings=settings), host="127.0.0.1", port=settings.port,
+            log_level="warning", access_log=False)
+"""
+
+
+class LoopbackClient:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams: cheap enough that 32 of them
+    leave the CPU to the server being measured (httpx costs more per request than the server)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def request_bodies(kind: str, image_px: int) -> list[bytes]:
+    if kind == "text":
+        from imagefm.data.synthetic.vocab import COLOURS, SHAPES
+
+        texts = [f"a photo of a {c.en} {s.en}" for c in COLOURS.values() for s in SHAPES.values()]
+        texts += [f"{c.ko} {s.ko}" for c in COLOURS.values() for s in SHAPES.values()]
+        return [json.dumps({"input": t}).encode() for t in texts]
+    from imagefm.data.image import open_image
+    from imagefm.data.synthetic import generate
+
+    bodies = []
+    for record in generate("scenes", 16, seed=3, image_size=image_px):
+        buffer = io.BytesIO()
+        open_image(record.image).save(buffer, format="JPEG", quality=90)
+        url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        bodies.append(json.dumps({"input": url}).encode())
+    return bodies
+
+
+async def load(port: int, bodies: list[bytes], clients: int, duration: float,
+               warmup: float) -> tuple[list[float], int, float]:
+    """C clients posting back to back; latencies (ms) of requests finished after warm-up."""
+    latencies: list[float] = []
+    errors = 0
+    started = time.perf_counter()
+    measure_from = started + warmup
+    stop_at = measure_from + duration
+
+    async def client(number: int) -> None:
+        nonlocal errors
+        connection = LoopbackClient(port)
+        i = number
+        try:
+            while time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                status, _ = await connection.post("/v1/embeddings", bodies[i % len(bodies)])
+                done = time.perf_counter()
+                i += clients
+                if done >= measure_from:
+                    latencies.append((done - sent) * 1000)
+                    errors += status != 200
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return latencies, errors, time.perf_counter() - measure_from
+
+
+def wait_for_server(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the server exited; run it by hand to see why")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start")
+
+
+def server_stats(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        return json.loads(response.read())["batching"]
+
+
+def bench_server(args: argparse.Namespace, work: Path) -> None:
+    import socket
+
+    checkpoint = Path(args.model) if args.model else make_checkpoint(args.preset, work / "srv")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    print(f"server: {args.model or args.preset}, {args.clients} concurrent clients, "
+          f"{args.duration:g} s per run after {args.warmup:g} s warm-up, device {args.device}")
+    for kind in args.server_inputs.split(","):
+        bodies = request_bodies(kind, args.image_px)
+        results = {}
+        for label, max_batch in (("batching on", args.max_batch), ("batching off", 1)):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            process = subprocess.Popen(
+                [sys.executable, "-c", SERVER_SCRIPT, str(checkpoint), str(port), str(max_batch),
+                 str(args.max_wait_ms), args.device], env=env)
+            try:
+                wait_for_server(port, process)
+                latencies, errors, seconds = asyncio.run(
+                    load(port, bodies, args.clients, args.duration, args.warmup))
+                stats = server_stats(port)["text" if kind == "text" else "image"]
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            throughput = len(latencies) / seconds
+            results[label] = throughput
+            print(f"  {kind:5s} {label:12s} max_batch={max_batch:<3d} {throughput:8.1f} req/s  "
+                  f"p50 {percentile(latencies, 50):7.1f} ms  p99 {percentile(latencies, 99):7.1f}"
+                  f" ms  mean batch {stats['mean_size']:5.1f}  errors {errors}")
+        ratio = results["batching on"] / results["batching off"]
+        print(f"  {kind:5s} dynamic batching: {ratio:.2f}x the throughput of one request at a "
+              "time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="indexing,vectors,server")
+    parser.add_argument("--model", help="checkpoint (default: a random --preset model)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=1000, help="indexing: how many files")
+    parser.add_argument("--image-px", type=int, default=256, help="synthetic image size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--sizes", default="10000,100000", help="vectors: index sizes")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--ef-search", default="32,64,96,128,256")
+    parser.add_argument("--ivfpq", action="store_true", help="vectors: also IVF-PQ")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--server-inputs", default="text,image")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
+        work = Path(tmp)
+        if "indexing" in parts:
+            bench_indexing(args, work)
+        if "vectors" in parts:
+            bench_vectors(args)
+        if "server" in parts:
+            bench_server(args, work)
+
+
+if __name__ == "__main__":
+    main()

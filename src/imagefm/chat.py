@@ -1,0 +1,220 @@
+"""Chat templates: conversations (a list of ``{"role", "content"}`` messages) to prompt text.
+
+A checkpoint's own Jinja template (``tokenizer.chat_template`` in GGUF, ``chat_template`` in HF
+tokenizer_config.json) is rendered the way Hugging Face renders it: a sandboxed ``jinja2``
+environment with ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now`` and a
+``tojson`` filter that keeps non-ASCII text. Without one, ChatML is used::
+
+    <|im_start|>system
+    You are ...<|im_end|>
+    <|im_start|>user
+    안녕?<|im_end|>
+    <|im_start|>assistant
+
+Message text is NFC-normalised first, so Korean typed as decomposed jamo gets the same tokens.
+Content may be a string or a list of parts (``{"type": "text", "text": ...}``,
+``{"type": "image"}``); ChatML writes each image part as ``image_token``.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+IMAGE_TOKEN = "<image>"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(ValueError):
+    """A conversation cannot be rendered: bad messages, or the template refused them."""
+
+
+def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked copies of ``messages`` with every text NFC-normalised."""
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatTemplateError(f"message {index} must be a dict with 'role' and 'content', "
+                                    f"got {message!r:.100}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ChatTemplateError(f"message {index}: role {role!r} is not one of "
+                                    f"{', '.join(ROLES)}")
+        out.append({**message, "content": _normalize_content(content, index)})
+    return out
+
+
+def _normalize_content(content: Any, index: int) -> Any:
+    if isinstance(content, str):
+        return unicodedata.normalize("NFC", content)
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or "type" not in part:
+                raise ChatTemplateError(f"message {index}: content parts must be dicts with a "
+                                        f"'type', got {part!r:.100}")
+            if part["type"] == "text":
+                part = {**part, "text": unicodedata.normalize("NFC", str(part.get("text", "")))}
+            parts.append(part)
+        return parts
+    raise ChatTemplateError(f"message {index}: content must be a string or a list of parts, "
+                            f"got {type(content).__name__}")
+
+
+def content_text(content: str | list[dict[str, Any]], image_token: str = IMAGE_TOKEN) -> str:
+    """One message's content as text: text parts joined, image parts as ``image_token``."""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        if part["type"] == "text":
+            pieces.append(part["text"])
+        elif part["type"] in ("image", "image_url"):
+            pieces.append(image_token)
+        else:
+            raise ChatTemplateError(f"content part type {part['type']!r} is not text or image")
+    return "".join(pieces)
+
+
+def chatml_segments(messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    image_token: str = IMAGE_TOKEN) -> list[tuple[str, bool]]:
+    """ChatML as ``(text, is_assistant_reply)`` pieces, in order; joined they are the prompt.
+
+    The assistant's own words and its closing ``<|im_end|>`` are marked, so training can put
+    labels on exactly those tokens while the conversation is built.
+    """
+    segments: list[tuple[str, bool]] = []
+    for message in normalize_messages(messages):
+        text = content_text(message["content"], image_token)
+        role = message["role"]
+        if role == "assistant":
+            segments.append((f"{IM_START}assistant\n", False))
+            segments.append((f"{text}{IM_END}", True))
+            segments.append(("\n", False))
+        else:
+            segments.append((f"{IM_START}{role}\n{text}{IM_END}\n", False))
+    if add_generation_prompt:
+        segments.append((f"{IM_START}assistant\n", False))
+    return segments
+
+
+def render_chatml(messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                  image_token: str = IMAGE_TOKEN) -> str:
+    """ChatML text of a conversation (the default template)."""
+    return "".join(text for text, _ in chatml_segments(
+        messages, add_generation_prompt=add_generation_prompt, image_token=image_token))
+
+
+def _raise(message: str) -> None:
+    raise ChatTemplateError(f"the chat template refused the conversation: {message}")
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _compile(source: str) -> Any:
+    try:
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ChatTemplateError("rendering a checkpoint's chat template needs jinja2: "
+                                "pip install jinja2") from None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateError as err:
+        raise ChatTemplateError(f"the chat template does not compile: {err}") from None
+
+
+@dataclass
+class ChatTemplate:
+    """A conversation renderer: the checkpoint's Jinja ``source``, or ChatML when None."""
+
+    source: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    image_token: str = IMAGE_TOKEN
+
+    def __post_init__(self) -> None:
+        self._compiled = _compile(self.source) if self.source else None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends an assistant turn (ChatML's end marker; the EOS text otherwise)."""
+        if self.source is None or IM_END in self.source:
+            return (IM_END,)
+        return (self.eos_token,) if self.eos_token else ()
+
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               **variables: Any) -> str:
+        """The prompt text; ``variables`` reach the Jinja template (e.g. ``tools``)."""
+        checked = normalize_messages(messages)
+        if self._compiled is None:
+            return render_chatml(checked, add_generation_prompt=add_generation_prompt,
+                                 image_token=self.image_token)
+        from jinja2 import TemplateError
+
+        try:
+            return self._compiled.render(messages=checked,
+                                         add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token,
+                                         **variables)
+        except TemplateError as err:
+            raise ChatTemplateError(f"the chat template failed: {err}") from None
+
+    @classmethod
+    def for_model(cls, model: Any) -> ChatTemplate:
+        """The template a loaded LM carries (``model.chat_template``), with its BOS/EOS text."""
+        tokenizer, config = getattr(model, "tokenizer", None), model.config
+
+        def text(index: int | None) -> str:
+            if tokenizer is None or index is None:
+                return ""
+            return tokenizer.id_to_token(index) or ""
+
+        eos = config.eos_token_ids[0] if config.eos_token_ids else None
+        return cls(getattr(model, "chat_template", None), text(config.bos_token_id), text(eos))
+
+
+def encode_chat(model: Any, messages: Sequence[dict[str, Any]], *,
+                add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation for ``model``, rendered with its template. The template
+    writes its own special tokens, so the tokenizer adds none (as HF's apply_chat_template)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ChatTemplateError("this model has no tokenizer; load it from a checkpoint with one")
+    text = ChatTemplate.for_model(model).render(messages,
+                                                add_generation_prompt=add_generation_prompt)
+    return tokenizer.with_settings(bos_id=None).encode(text)
+
+
+def chat_stops(model: Any) -> tuple[list[int], tuple[str, ...]]:
+    """What ends an assistant turn for ``model``: token ids (the config's EOS ids, plus the
+    template's end marker when it is a single token) and stop strings (end markers that are not).
+
+    A marker that is a special token must be stopped by id: decoding drops special tokens, so a
+    stop string would never see it.
+    """
+    ids = list(model.config.eos_token_ids)
+    strings = []
+    tokenizer = getattr(model, "tokenizer", None)
+    for marker in ChatTemplate.for_model(model).stop_strings:
+        index = tokenizer.token_to_id(marker) if tokenizer is not None else None
+        if index is None:
+            strings.append(marker)
+        elif index not in ids:
+            ids.append(index)
+    return ids, tuple(strings)

@@ -1,0 +1,41 @@
+"""Server settings: limits, batching and security, with defaults safe for a laptop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeSettings:
+    """Everything ``imagefm serve`` can tune. Defaults bind to loopback only."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    model_name: str | None = None  # the id clients send as "model"; default: the folder name
+    # Dynamic batching (max_batch=1 turns it off: one request at a time on the model).
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024  # items waiting per batcher before requests are refused (503)
+    timeout_s: float = 30.0  # longest a request waits for the model (504 after)
+    # Input limits.
+    max_request_bytes: int = 16 * 2**20  # whole request body (413 above)
+    max_image_pixels: int = 40_000_000  # per image, checked from the header before decoding
+    max_inputs: int = 256  # texts/images in one embeddings request
+    max_text_chars: int = 2000
+    max_labels: int = 100  # zero-shot labels per request
+    max_k: int = 100  # search results per request
+    decode_threads: int = 4  # image decoding runs beside the model thread
+    classifier_cache: int = 32  # label sets whose text embeddings are kept
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_request_bytes", "max_image_pixels",
+                     "max_inputs", "max_text_chars", "max_labels", "max_k", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
