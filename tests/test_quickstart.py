@@ -10,6 +10,7 @@ import torch
 
 import imagefm
 from imagefm.apps.quickstart import (
+    SCENE_STYLES,
     GroupBatches,
     QuickstartSettings,
     generate_scenes,
@@ -29,8 +30,33 @@ def test_quickstart_smoke_run_writes_model_and_report(tmp_path: Path) -> None:
     names = {(r["name"], r["lang"]) for r in report["results"]}
     for suite in ("colour", "shape", "heldout", "count", "relation"):
         assert {(suite, "en"), (suite, "ko")} <= names
-    assert ("synthetic scenes", "ko") in names
+    assert ("synthetic scenes (clean)", "ko") in names
     assert (tmp_path / "report" / "report.md").read_text().startswith("# imagefm quickstart")
+    # The trained BPE's EOS is not its largest id: the text tower must pool at the EOS id.
+    assert model.config.text.pool == "eos"
+    assert model.config.text.eos_token_id == model.tokenizer.eos_id
+    # Running the main job again replaces the previous run instead of refusing to start.
+    again = run_quickstart(settings, log=lambda _: None)
+    assert again["model_dir"] == result["model_dir"]
+
+
+def test_clean_scenes_are_solid_on_plain_white_at_region_centres() -> None:
+    from imagefm.data.synthetic import COLOURS, generate
+    from imagefm.data.synthetic.scenes import REGION_CENTRES
+
+    settings = QuickstartSettings(batch_size=8, group_size=4, samples=32, progress=False,
+                                  workers=1, image_size=32, mixed=0.0)
+    data = generate_scenes(settings, log=lambda _: None)
+    corners = data.pixels[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # [N, 4 corners, RGB]
+    assert (corners == corners[:, :1]).all()  # plain backgrounds: no noise, no gradient
+    # White, except for groups built around a white object (their members share its background)
+    white = (corners[:, 0] == COLOURS["white"].rgb).all(axis=-1)
+    assert white.mean() >= 0.7
+    style = {"style": SCENE_STYLES["clean"]}
+    for record in generate("pairs", 16, seed=0, image_size=32, workers=1, mixed=0.0, **style):
+        obj = record.meta["scene"]["objects"][0]
+        assert obj["texture"] == "solid"
+        assert (obj["x"], obj["y"]) in set(REGION_CENTRES.values())
 
 
 def test_group_batches_keep_groups_together_and_are_deterministic() -> None:

@@ -461,3 +461,31 @@ def test_minimal_pairs_respect_held_out_and_mix_layouts() -> None:
     assert not combos & set(DEFAULT_HELD_OUT)
     layouts = {r.meta["scene"]["layout"] for r in records}
     assert layouts == {"single", "count", "pair"}
+
+
+def test_scene_style_restricts_looks_and_removes_jitter() -> None:
+    from imagefm.data.synthetic.scenes import REGION_CENTRES
+
+    style = {"textures": ["solid"], "backgrounds": ["plain"],
+             "background_colours": ["white", "grey", "black"], "jitter": 0.0}
+    records = list(generate("scenes", 60, seed=3, workers=1, style=style, captions_per_lang=1))
+    for record in records:
+        scene = record.meta["scene"]
+        assert scene["background"]["kind"] == "plain"
+        assert {o["texture"] for o in scene["objects"]} == {"solid"}
+        objects = {o["colour"] for o in scene["objects"]}
+        allowed = {"white", "grey", "black"} - objects
+        # only when every neutral colour is taken by an object may another one appear
+        assert scene["background"]["colour"] in (allowed or {scene["background"]["colour"]})
+        if scene["layout"] == "single":
+            obj = scene["objects"][0]
+            assert (obj["x"], obj["y"]) == REGION_CENTRES[scene["region"]]
+    varied = list(generate("scenes", 60, seed=3, workers=1, layouts=("single",),
+                           captions_per_lang=1))
+    offsets = [abs(r.meta["scene"]["objects"][0]["x"]
+                   - REGION_CENTRES[r.meta["scene"]["region"]][0]) for r in varied]
+    assert 0 < max(offsets) <= 0.05
+    with pytest.raises(ValueError, match="unknown scene style keys"):
+        list(generate("pairs", 2, workers=1, style={"texture": ["solid"]}))
+    with pytest.raises(ValueError, match="jitter"):
+        list(generate("scenes", 2, workers=1, style={"jitter": 0.5}))

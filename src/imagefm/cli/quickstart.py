@@ -12,9 +12,15 @@ def register(app: typer.Typer) -> None:
     def quickstart(
         out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (model, report)."),
         loss: str = typer.Option("clip", help="clip (softmax) or siglip (sigmoid)."),
-        steps: int = typer.Option(600, min=1, help="Training steps (the time budget)."),
+        steps: int = typer.Option(700, min=1, help="Training steps (the time budget)."),
         batch_size: int = typer.Option(128, min=4, help="Scenes per step."),
         samples: int = typer.Option(20_000, min=64, help="Synthetic training scenes."),
+        scenes: str = typer.Option("clean", help="Training scenes: clean (solid objects on plain "
+                                                  "backgrounds) or varied (textures, noise, "
+                                                  "jitter; needs far more steps)."),
+        lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate."),
+        device: str = typer.Option("cpu", help="cpu, cuda or auto (the step budget is "
+                                               "calibrated for the CPU)."),
         eval_images: int = typer.Option(300, min=10, help="Images per suite and language."),
         seed: int = typer.Option(0, min=0),
         threads: int = typer.Option(0, min=0, help="torch threads (0: PyTorch's default)."),
@@ -31,7 +37,8 @@ def register(app: typer.Typer) -> None:
         from imagefm.apps.quickstart import QuickstartSettings, run_quickstart
 
         settings = QuickstartSettings(out=out, loss=loss, steps=steps, batch_size=batch_size,
-                                      samples=samples, eval_images=eval_images, seed=seed,
+                                      samples=samples, scenes=scenes, lr=lr, device=device,
+                                      eval_images=eval_images, seed=seed,
                                       threads=threads or None, real_data=real_data,
                                       progress=progress)
         run_quickstart(settings, log=typer.echo)

@@ -48,16 +48,31 @@ LABEL_CLASSES = {"colour": COLOUR_NAMES, "shape": SHAPE_NAMES}
 _MIN_PER_WORKER = 16
 
 
+STYLE_FIELDS = ("textures", "backgrounds", "background_colours", "jitter")
+
+
 def _scene_config(split: str, held_out: Iterable[Sequence[str]] | None, max_count: int,
-                  layouts: Sequence[str]) -> SceneConfig:
+                  layouts: Sequence[str], style: dict[str, Any] | None = None) -> SceneConfig:
+    """``style`` sets how scenes look: ``textures``, ``backgrounds`` (kinds),
+    ``background_colours`` and ``jitter`` (see SceneConfig); e.g. the quickstart's clean scenes
+    are ``{"textures": ["solid"], "backgrounds": ["plain"], "jitter": 0}``."""
     held = DEFAULT_HELD_OUT if held_out is None else frozenset(tuple(c) for c in held_out)
-    return SceneConfig(split=split, held_out=held, max_count=max_count, layouts=tuple(layouts))
+    style = dict(style or {})
+    unknown = sorted(set(style) - set(STYLE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown scene style keys {unknown}; known: {', '.join(STYLE_FIELDS)}")
+    for key in ("textures", "backgrounds", "background_colours"):
+        if key in style:
+            style[key] = tuple(style[key])
+    return SceneConfig(split=split, held_out=held, max_count=max_count, layouts=tuple(layouts),
+                       **style)
 
 
 def scene_record(rng: np.random.Generator, *, key: str, image_size: int, split: str,
                  held_out: Iterable[Sequence[str]] | None = None, max_count: int = 5,
                  layouts: Sequence[str] = LAYOUTS, captions_per_lang: int = 2,
-                 label_by: str | None = None, supersample: int | None = None) -> Record:
+                 label_by: str | None = None, supersample: int | None = None,
+                 style: dict[str, Any] | None = None) -> Record:
     """A scene image with ``captions_per_lang`` English and Korean captions; spec in meta.
 
     ``label_by="colour"`` or ``"shape"`` makes single-object scenes labelled with the class
@@ -65,7 +80,7 @@ def scene_record(rng: np.random.Generator, *, key: str, image_size: int, split: 
     """
     if label_by is not None:
         layouts = ("single",)
-    spec = sample_scene(rng, _scene_config(split, held_out, max_count, layouts))
+    spec = sample_scene(rng, _scene_config(split, held_out, max_count, layouts, style))
     return _spec_record(spec, rng, key=key, image_size=image_size, split=split,
                         captions_per_lang=captions_per_lang, label_by=label_by,
                         supersample=supersample, source="synthetic/scenes")
@@ -75,12 +90,13 @@ def pairs_record(rng: np.random.Generator, *, key: str, image_size: int, split: 
                  group_rng: np.random.Generator | None = None, member: int = 0,
                  group_size: int = 4, mixed: float = 0.2,
                  held_out: Iterable[Sequence[str]] | None = None, max_count: int = 5,
-                 captions_per_lang: int = 2, supersample: int | None = None) -> Record:
+                 captions_per_lang: int = 2, supersample: int | None = None,
+                 style: dict[str, Any] | None = None) -> Record:
     """A scene of a minimal-pair group (see ``imagefm.data.synthetic.pairs``)."""
     if group_size < 1 or not 0 <= mixed <= 1:
         raise ValueError(f"group_size must be >= 1 and mixed in [0, 1], got {group_size}, "
                          f"{mixed}")
-    config = _scene_config(split, held_out, max_count, LAYOUTS)
+    config = _scene_config(split, held_out, max_count, LAYOUTS, style)
     spec = member_spec(group_rng if group_rng is not None else rng, rng, member, config,
                        group_size, mixed)
     record = _spec_record(spec, rng, key=key, image_size=image_size, split=split,
@@ -109,9 +125,10 @@ def _spec_record(spec: SceneSpec, rng: np.random.Generator, *, key: str, image_s
 def vqa_record(rng: np.random.Generator, *, key: str, image_size: int, split: str,
                held_out: Iterable[Sequence[str]] | None = None, max_count: int = 5,
                layouts: Sequence[str] = LAYOUTS, qa_per_image: int = 3,
-               langs: Sequence[str] = ("en", "ko"), supersample: int | None = None) -> Record:
+               langs: Sequence[str] = ("en", "ko"), supersample: int | None = None,
+               style: dict[str, Any] | None = None) -> Record:
     """A scene with a conversation of ``qa_per_image`` questions in one language (en or ko)."""
-    config = _scene_config(split, held_out, max_count, layouts)
+    config = _scene_config(split, held_out, max_count, layouts, style)
     spec = sample_scene(rng, config)
     image = render_scene(spec, image_size, supersample)
     # "No" questions in the train split may only name compositions the split is allowed to see.
@@ -167,7 +184,7 @@ def check_request(kind: str, seed: int, image_size: int, split: str,
                          f"got {options['label_by']!r}")
     if kind in ("scenes", "vqa", "pairs"):
         _scene_config(split, options.get("held_out"), options.get("max_count", 5),
-                      options.get("layouts", LAYOUTS))
+                      options.get("layouts", LAYOUTS), options.get("style"))
     if kind == "text":
         hangul_fonts()  # raises with the install command when no Hangul font is found
 

@@ -159,11 +159,17 @@ class SceneConfig:
     layouts: tuple[str, ...] = LAYOUTS
     textures: tuple[str, ...] = tuple(TEXTURES)
     backgrounds: tuple[str, ...] = BACKGROUND_KINDS
+    background_colours: tuple[str, ...] = COLOUR_NAMES
     max_count: int = 5
+    # Random offset of objects from their region centre, as a fraction of the image side. A
+    # small ViT learns shapes far more slowly when their alignment to the patch grid varies.
+    jitter: float = 0.05
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "eval", "all"):
             raise ValueError(f"split must be 'train', 'eval' or 'all', got {self.split!r}")
+        if not 0 <= self.jitter <= 0.1:
+            raise ValueError(f"jitter must be in [0, 0.1] of the image side, got {self.jitter}")
         if not 1 <= self.max_count <= 6:
             raise ValueError(f"max_count must be in 1..6 (small objects on a 3x3 grid), "
                              f"got {self.max_count}")
@@ -177,7 +183,9 @@ class SceneConfig:
                                     ("shapes", self.shapes, SHAPE_NAMES),
                                     ("layouts", self.layouts, LAYOUTS),
                                     ("textures", self.textures, tuple(TEXTURES)),
-                                    ("backgrounds", self.backgrounds, BACKGROUND_KINDS)):
+                                    ("backgrounds", self.backgrounds, BACKGROUND_KINDS),
+                                    ("background_colours", self.background_colours,
+                                     COLOUR_NAMES)):
             if not values or any(v not in known for v in values):
                 raise ValueError(f"{name} must be a non-empty subset of {known}, got {values}")
         if not self.allowed_combos():
@@ -200,7 +208,9 @@ def _pick(rng: np.random.Generator, options: tuple | list) -> Any:
 
 def _background_for(rng: np.random.Generator, config: SceneConfig,
                     object_colours: set[str]) -> Background:
-    choices = [c for c in COLOUR_NAMES if c not in object_colours]
+    # An object never sits on its own colour; with too few background colours left, any other.
+    choices = ([c for c in config.background_colours if c not in object_colours]
+               or [c for c in COLOUR_NAMES if c not in object_colours])
     return Background(_pick(rng, config.backgrounds), _pick(rng, choices))
 
 
@@ -211,7 +221,7 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
     if layout == "pair" and len(combos) < 2:
         layout = "single"
     detail_seed = int(rng.integers(2**31))
-    jitter = lambda: float(rng.uniform(-0.05, 0.05))  # noqa: E731
+    jitter = lambda: float(rng.uniform(-config.jitter, config.jitter))  # noqa: E731
 
     if layout == "single":
         colour, shape = _pick(rng, combos)
