@@ -195,3 +195,63 @@ def test_imagefm_format_round_trip_keeps_weights_tokenizer_and_template(
     back = CliRunner().invoke(app, ["convert", str(out), str(tmp_path / "hf"), "--to", "hf"])
     assert back.exit_code == 0, back.output
     torch.testing.assert_close(imagefm.load(tmp_path / "hf")(ids).logits, model(ids).logits)
+
+
+def test_vocabulary_extension_makes_syllables_whole_tokens(tiny_llama_dir: Path,
+                                                           tmp_path: Path) -> None:
+    import imagefm
+    from imagefm.models.vocab import extend_vocabulary, hangul_syllables, tokens_per_syllable
+
+    model = imagefm.load(tiny_llama_dir)
+    tokenizer = model.tokenizer
+    corpus = ["작은 고양이가 있다", "큰 강아지 그림", "고양이"]
+    held_out = ["작은 강아지", "고양이 그림이 있다"]
+    syllables = hangul_syllables(corpus)
+    assert syllables[0] in ("고", "양", "이")  # the most frequent come first
+    english = torch.tensor([tokenizer.encode("the small cat")])
+    old_logits = model(english).logits
+    old_embed = model.embed_tokens.weight.detach().clone()
+    before = tokens_per_syllable(tokenizer, held_out)
+    spelled = {s: tokenizer.pieces(s) for s in syllables}
+
+    ids = extend_vocabulary(model, syllables)
+
+    grown = [s for s in syllables if len(spelled[s]) > 1]  # one-piece syllables gain nothing
+    assert len(ids) == len(grown) > 0
+    assert model.config.vocab_size == tokenizer.vocab_size == old_embed.shape[0] + len(ids)
+    assert tokens_per_syllable(tokenizer, held_out) == 1.0 < before
+    for syllable, index in zip(grown, ids, strict=True):
+        assert tokenizer.pieces(syllable) == [index]
+        torch.testing.assert_close(model.embed_tokens.weight[index],
+                                   old_embed[spelled[syllable]].mean(0))
+        torch.testing.assert_close(model.lm_head.weight[index].float(),
+                                   model.lm_head.weight[spelled[syllable]].float().mean(0))
+    # Old ids and outputs on old-only text are unchanged; decoding round-trips the new tokens.
+    assert tokenizer.encode("the small cat") == english[0].tolist()
+    torch.testing.assert_close(model(english).logits[..., :old_embed.shape[0]], old_logits)
+    assert tokenizer.decode(tokenizer.encode("작은 강아지")) == "작은 강아지"
+    assert extend_vocabulary(model, syllables) == []  # nothing left to add
+    # The extension travels with the checkpoint.
+    again = imagefm.load(model.save_pretrained(tmp_path / "extended"))
+    assert again.tokenizer.pieces("강아지") == tokenizer.pieces("강아지")
+    torch.testing.assert_close(again(english).logits, model(english).logits)
+
+
+def test_extend_vocab_command_writes_the_extended_model(tiny_llama_dir: Path,
+                                                        tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import imagefm
+    from imagefm.cli import app
+
+    corpus = tmp_path / "ko.txt"
+    corpus.write_text("작은 고양이가 있다\n큰 강아지 그림\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["extend-vocab", str(tiny_llama_dir), str(tmp_path / "out"),
+                                      "--corpus", str(corpus)])
+    assert result.exit_code == 0, result.output
+    assert "tokens per syllable" in result.output and "-> 1.00" in result.output
+    extended = imagefm.load(tmp_path / "out")
+    tokenizer = extended.tokenizer
+    assert tokenizer.pieces("강아지") == [tokenizer.token_to_id(s) for s in "강아지"]
+    missing = CliRunner().invoke(app, ["extend-vocab", str(tiny_llama_dir), str(tmp_path / "x")])
+    assert missing.exit_code != 0 and "--corpus" in missing.output

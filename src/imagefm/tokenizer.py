@@ -243,6 +243,23 @@ class Tokenizer:
         """Ids of one text with BOS/EOS as set and truncation applied, without padding."""
         return self.encode_batch([text])[0]
 
+    def pieces(self, text: str) -> list[int]:
+        """Ids of one text alone: no BOS/EOS, no truncation."""
+        return self._backend.encode_batch([self.prepare_text(text)])[0]
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Make each of ``tokens`` one whole token (matched in the text before the model's own
+        pieces, as Hugging Face's added tokens); returns their ids. Tokens already in the
+        vocabulary keep their id."""
+        if not isinstance(self._backend, _TokenizersBackend):
+            raise TypeError(f"adding tokens needs a tokenizers (tokenizer.json) vocabulary; this "
+                            f"one is {self._backend.kind}")
+        from tokenizers import AddedToken
+
+        fresh = [t for t in dict.fromkeys(tokens) if self.token_to_id(t) is None]
+        self._backend.tokenizer.add_tokens([AddedToken(t, normalized=False) for t in fresh])
+        return [self.token_to_id(t) for t in tokens]  # type: ignore[misc]
+
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize and pad: ``input_ids`` and ``attention_mask``, both ``Long[B, L]``."""
         if isinstance(texts, str):

@@ -69,3 +69,61 @@ def register(app: typer.Typer) -> None:
             total = time.perf_counter() - started
             typer.echo(f"[{len(ids)} prompt tokens; first text after {first - started:.2f} s; "
                        f"{pieces} pieces in {total:.2f} s]", err=True)
+
+    @app.command("extend-vocab")
+    def extend_vocab(
+        model_path: Path = typer.Argument(..., metavar="MODEL",
+                                          help="A language model imagefm loads (.gguf, HF dir, "
+                                               "imagefm dir)."),
+        out: Path = typer.Argument(..., help="Where to write the extended model (imagefm)."),
+        corpus: list[Path] = typer.Option(None, "--corpus",
+                                          help="Korean text file(s), one text per line: the "
+                                               "syllables to add are counted here."),
+        synthetic: int = typer.Option(0, min=0, help="Also count syllables in this many "
+                                                     "synthetic Korean captions and questions."),
+        top: int = typer.Option(2000, min=1, help="Add at most this many syllables."),
+        eval_file: Path = typer.Option(None, "--eval",
+                                       help="Texts to measure tokens per syllable on (default: "
+                                            "the corpus)."),
+    ) -> None:
+        """Add frequent Hangul syllables as whole tokens (new embeddings start as the mean of
+        their old pieces) and report tokens per syllable before and after."""
+        import imagefm
+        from imagefm.models.decoder import DecoderLM
+        from imagefm.models.vocab import extend_vocabulary, hangul_syllables, tokens_per_syllable
+
+        texts = [line for path in corpus or [] for line in _read_lines(path)]
+        if synthetic:
+            texts += _synthetic_korean(synthetic)
+        if not texts:
+            raise typer.BadParameter("give Korean text with --corpus FILE or --synthetic N")
+        measure = _read_lines(eval_file) if eval_file else texts
+        model = imagefm.load(model_path)
+        if not isinstance(model, DecoderLM) or model.tokenizer is None:
+            raise typer.BadParameter(f"{model_path} is not a language model with a tokenizer",
+                                     param_hint="MODEL")
+        before = tokens_per_syllable(model.tokenizer, measure)
+        added = extend_vocabulary(model, hangul_syllables(texts, top=top))
+        after = tokens_per_syllable(model.tokenizer, measure)
+        model.save_pretrained(out)
+        typer.echo(f"added {len(added)} Hangul tokens (vocabulary {model.config.vocab_size:,}); "
+                   f"tokens per syllable {before:.2f} -> {after:.2f} on "
+                   f"{'the --eval texts' if eval_file else 'the corpus'}; wrote {out}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise typer.BadParameter(f"cannot read {path}: {err}") from None
+
+
+def _synthetic_korean(n: int) -> list[str]:
+    from imagefm.data.synthetic import generate
+
+    texts: list[str] = []
+    for record in generate("vqa", n, seed=0, langs=("ko",)):
+        texts += [turn.content.replace("<image>", "").strip() for turn in record.conversation]
+    for record in generate("scenes", n, seed=0):
+        texts += record.captions_in("ko")
+    return texts
