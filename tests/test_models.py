@@ -161,3 +161,24 @@ def test_argmax_pooling_refuses_a_tokenizer_whose_eos_is_not_the_largest_id() ->
     eos_at = (enc["input_ids"] == tokenizer.eos_id).int().argmax(-1)
     pooled = model.text.pool(tokens, enc["input_ids"])
     torch.testing.assert_close(pooled, tokens[torch.arange(2), eos_at])
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "mask"])
+def test_cpu_training_attention_path_equals_sdpa(kind: str) -> None:
+    # Short sequences train through matmul-softmax-matmul on the CPU (faster there): values and
+    # gradients must equal the fused kernel's.
+    from imagefm.models.layers import attend
+
+    q, k, v = (torch.randn(3, 2, 7, 8, requires_grad=True) for _ in range(3))
+    padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]])
+    mask = make_attention_mask(7, padding) if kind == "mask" else None
+    if mask is not None:
+        assert mask.dtype == torch.bool and not mask.all()
+    ours = attend(q, k, v, mask, is_causal=kind == "causal")
+    grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=kind == "causal")
+    expected = torch.autograd.grad(reference.sum(), (q, k, v))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ class QuickstartSettings:
 
     out: Path = Path("runs/quickstart")
     loss: str = "clip"  # clip | siglip
-    steps: int = 700
+    steps: int = 1000
     batch_size: int = 128
     group_size: int = 4  # minimal-pair group size (batches hold whole groups)
     mixed: float = 0.2  # fraction of groups that are ordinary random scenes (counts, relations)

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def quickstart(
         out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (model, report)."),
         loss: str = typer.Option("clip", help="clip (softmax) or siglip (sigmoid)."),
-        steps: int = typer.Option(700, min=1, help="Training steps (the time budget)."),
+        steps: int = typer.Option(1000, min=1, help="Training steps (the time budget)."),
         batch_size: int = typer.Option(128, min=4, help="Scenes per step."),
         samples: int = typer.Option(20_000, min=64, help="Synthetic training scenes."),
         scenes: str = typer.Option("clean", help="Training scenes: clean (solid objects on plain "
