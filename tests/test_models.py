@@ -163,7 +163,7 @@ def test_argmax_pooling_refuses_a_tokenizer_whose_eos_is_not_the_largest_id() ->
     torch.testing.assert_close(pooled, tokens[torch.arange(2), eos_at])
 
 
-@pytest.mark.parametrize("kind", ["none", "causal", "mask"])
+@pytest.mark.parametrize("kind", ["none", "causal", "mask", "causal+mask"])
 def test_cpu_training_attention_path_equals_sdpa(kind: str) -> None:
     # Short sequences train through matmul-softmax-matmul on the CPU (faster there): values and
     # gradients must equal the fused kernel's.
@@ -171,13 +171,18 @@ def test_cpu_training_attention_path_equals_sdpa(kind: str) -> None:
 
     q, k, v = (torch.randn(3, 2, 7, 8, requires_grad=True) for _ in range(3))
     padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]])
-    mask = make_attention_mask(7, padding) if kind == "mask" else None
+    mask = make_attention_mask(7, padding) if "mask" in kind else None
     if mask is not None:
         assert mask.dtype == torch.bool and not mask.all()
-    ours = attend(q, k, v, mask, is_causal=kind == "causal")
+    ours = attend(q, k, v, mask, is_causal="causal" in kind)
     grads = torch.autograd.grad(ours.sum(), (q, k, v))
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               is_causal=kind == "causal")
+    # SDPA takes a mask or is_causal, not both: give it the two combined.
+    if kind == "causal+mask":
+        reference = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=make_attention_mask(7, padding, causal=True))
+    else:
+        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   is_causal=kind == "causal")
     expected = torch.autograd.grad(reference.sum(), (q, k, v))
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected, strict=True):

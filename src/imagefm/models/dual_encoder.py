@@ -41,8 +41,8 @@ def _projection(kind: str, width: int, embed_dim: int) -> nn.Module:
     return layer
 
 
-def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
-    """Refuse a tokenizer the text tower would pool wrongly.
+def _misread_eos(text: TextConfig, tokenizer: Any) -> int | None:
+    """The tokenizer's EOS id when ``text`` would pool somewhere else, else None.
 
     CLIP's "argmax" pooling reads the output at the largest token id, which is the end-of-text
     token only when EOS is the last id of the vocabulary (as in CLIP's own BPE). With any other
@@ -50,12 +50,19 @@ def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
     of the caption: training still runs, but the model cannot learn what comes after that word.
     """
     eos = getattr(tokenizer, "eos_id", None)
-    argmax = text.causal and text.pool == "argmax"
-    if argmax and eos is not None and eos != tokenizer.vocab_size - 1:
+    if text.causal and text.pool == "argmax" and eos is not None and eos != text.vocab_size - 1:
+        return eos
+    return None
+
+
+def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
+    """Refuse a tokenizer the text tower would pool wrongly (see ``_misread_eos``)."""
+    eos = _misread_eos(text, tokenizer)
+    if eos is not None:
         raise ConfigError(
-            f"text.pool = 'argmax' pools at the largest token id, but this tokenizer's "
-            f"end-of-text id is {eos}, not {tokenizer.vocab_size - 1}: set text.pool = 'eos' and "
-            f"text.eos_token_id = {eos}")
+            f"text.pool = 'argmax' pools at the largest token id ({text.vocab_size - 1}), but "
+            f"this tokenizer's end-of-text id is {eos}: set text.pool = 'eos' and "
+            f"text.eos_token_id = {eos} (imagefm.models.dual_encoder.fit_text_to_tokenizer)")
 
 
 def fit_text_to_tokenizer(config: DualEncoderConfig, tokenizer: Any) -> DualEncoderConfig:
@@ -64,8 +71,8 @@ def fit_text_to_tokenizer(config: DualEncoderConfig, tokenizer: Any) -> DualEnco
     text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size,
                                context_length=tokenizer.context_length or
                                config.text.context_length)
-    eos = getattr(tokenizer, "eos_id", None)
-    if text.causal and text.pool == "argmax" and eos is not None and eos != text.vocab_size - 1:
+    eos = _misread_eos(text, tokenizer)
+    if eos is not None:
         text = dataclasses.replace(text, pool="eos", eos_token_id=eos)
     return dataclasses.replace(config, text=text)
 

@@ -29,9 +29,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if not (q.device.type == "cpu" and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
-        mask = causal.tril() if mask is None else mask  # top-left aligned, as SDPA
+    if is_causal:  # top-left aligned, as SDPA; with a mask too, both must allow
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = causal if mask is None else (mask & causal if mask.dtype == torch.bool
+                                            else mask.masked_fill(~causal, float("-inf")))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
