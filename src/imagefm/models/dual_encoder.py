@@ -49,10 +49,10 @@ def _misread_eos(text: TextConfig, tokenizer: Any) -> int | None:
     tokenizer it would pool at an arbitrary word and, under the causal mask, never see the rest
     of the caption: training still runs, but the model cannot learn what comes after that word.
     """
+    # The largest id in the input is the tokenizer's largest id, whatever the embedding's size.
     eos = getattr(tokenizer, "eos_id", None)
-    if text.causal and text.pool == "argmax" and eos is not None and eos != text.vocab_size - 1:
-        return eos
-    return None
+    argmax = text.causal and text.pool == "argmax"
+    return eos if argmax and eos is not None and eos != tokenizer.vocab_size - 1 else None
 
 
 def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
@@ -60,8 +60,8 @@ def check_text_pooling(text: TextConfig, tokenizer: Any) -> None:
     eos = _misread_eos(text, tokenizer)
     if eos is not None:
         raise ConfigError(
-            f"text.pool = 'argmax' pools at the largest token id ({text.vocab_size - 1}), but "
-            f"this tokenizer's end-of-text id is {eos}: set text.pool = 'eos' and "
+            f"text.pool = 'argmax' pools at the largest token id ({tokenizer.vocab_size - 1}), "
+            f"but this tokenizer's end-of-text id is {eos}: set text.pool = 'eos' and "
             f"text.eos_token_id = {eos} (imagefm.models.dual_encoder.fit_text_to_tokenizer)")
 
 
