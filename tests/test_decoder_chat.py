@@ -92,37 +92,6 @@ def test_stop_strings_follow_the_template() -> None:
 
 # --- a tiny HF Llama directory with a tokenizer and chat template, and the CLI -------------------
 
-@pytest.fixture
-def tiny_llama_dir(tmp_path: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["a small cat", "the dog runs", "작은 고양이"] * 10, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                               "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    config = transformers.LlamaConfig(vocab_size=backend.get_vocab_size(), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, eos_token_id=2,
-                                      bos_token_id=None, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    return tmp_path
-
-
 def test_hf_directory_brings_tokenizer_and_template(tiny_llama_dir: Path) -> None:
     import transformers
 

@@ -6,9 +6,10 @@ An imagefm checkpoint is a directory:
     tokenizer.json, ...   the tokenizer's own files, when the model has one
     chat_template.jinja   a language model's chat template, when it has its own
 
-Architectures: ``dual_encoder`` (CLIP/SigLIP) and ``decoder_lm`` (Llama/Qwen2 family).
-``load(path)`` also reads Hugging Face CLIP/SigLIP/Llama/Qwen2 directories, GGUF files and
-open_clip checkpoints, through the converters in ``imagefm.convert``.
+Architectures: ``dual_encoder`` (CLIP/SigLIP), ``decoder_lm`` (Llama/Qwen2 family) and ``vlm``
+(vision tower + projector + decoder LM). ``load(path)`` also reads Hugging Face
+CLIP/SigLIP/Llama/Qwen2/LLaVA directories, GGUF files and open_clip checkpoints, through the
+converters in ``imagefm.convert``.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
     from imagefm.models.decoder import DecoderLM
     from imagefm.models.decoder_config import DecoderConfig
     from imagefm.models.dual_encoder import DualEncoder
+    from imagefm.models.vlm import VLM, VLMConfig
 
     return {"dual_encoder": (DualEncoder, DualEncoderConfig.from_dict),
-            "decoder_lm": (DecoderLM, DecoderConfig.from_dict)}
+            "decoder_lm": (DecoderLM, DecoderConfig.from_dict),
+            "vlm": (VLM, VLMConfig.from_dict)}
 
 
 def architecture_name(model: torch.nn.Module) -> str:
@@ -195,8 +198,8 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
 # --- dispatch ------------------------------------------------------------------------------------
 
 def detect_format(path: str | Path) -> str:
-    """Name the checkpoint format at ``path``: imagefm, hf, hf_lm (HF Llama/Qwen2), gguf,
-    open_clip or open_clip_state_dict."""
+    """Name the checkpoint format at ``path``: imagefm, hf, hf_lm (HF Llama/Qwen2), hf_llava,
+    gguf, open_clip or open_clip_state_dict."""
     path = Path(path)
     if path.is_file():
         with path.open("rb") as handle:
@@ -215,10 +218,12 @@ def detect_format(path: str | Path) -> str:
                 "model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model_type = None  # load_hf reports the broken file
+        if model_type == "llava":
+            return "hf_llava"
         return "hf_lm" if model_type in ("llama", "qwen2") else "hf"
     raise CheckpointError(
         f"{path} holds no checkpoint imagefm understands: expected imagefm.json (imagefm), "
-        f"config.json (Hugging Face CLIP/SigLIP/Llama/Qwen2) or open_clip_config.json "
+        f"config.json (Hugging Face CLIP/SigLIP/Llama/Qwen2/LLaVA) or open_clip_config.json "
         f"(open_clip); a .gguf is a file, not a directory")
 
 
@@ -238,6 +243,10 @@ def load(path: str | Path, *, arch: str | None = None, strict: bool = True) -> t
         from imagefm.convert.llama import load_hf_lm
 
         return load_hf_lm(path, strict=strict)
+    if fmt == "hf_llava":
+        from imagefm.convert.llava import load_llava
+
+        return load_llava(path, strict=strict)
     if fmt == "hf":
         from imagefm.convert.hf import load_hf
 

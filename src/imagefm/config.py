@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu", "silu")
 VISION_POOLS = ("cls", "map", "mean")
@@ -55,8 +55,10 @@ class VisionConfig:
     # patch: one strided convolution (ViT); conv: 3x3 stride-2 convolutions down to the patch
     # grid ("Early convolutions help transformers see better"), much faster to train when small.
     stem: str = "patch"
+    model_type: str = "vit"  # the tower kind (see VISION_CONFIGS)
 
     def __post_init__(self) -> None:
+        _check_choice("vision", "model_type", self.model_type, ("vit",))
         _check_choice("vision", "act", self.act, ACTIVATIONS)
         _check_choice("vision", "pool", self.pool, VISION_POOLS)
         _check_choice("vision", "stem", self.stem, ("patch", "conv"))
@@ -101,8 +103,10 @@ class TextConfig:
     pool: str = "argmax"  # argmax (CLIP: EOS has the largest id) | eos | last | first
     eos_token_id: int | None = None  # used by pool = "eos"
     use_padding_mask: bool = True  # apply attention_mask to keys (HF does; open_clip does not)
+    model_type: str = "transformer"  # the tower kind (see TEXT_CONFIGS)
 
     def __post_init__(self) -> None:
+        _check_choice("text", "model_type", self.model_type, ("transformer",))
         _check_choice("text", "act", self.act, ACTIVATIONS)
         _check_choice("text", "pool", self.pool, TEXT_POOLS)
         _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
@@ -113,6 +117,87 @@ class TextConfig:
                               f"({self.heads})")
         if self.pool == "eos" and self.eos_token_id is None:
             raise ConfigError("text.pool = 'eos' needs text.eos_token_id")
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteConfig:
+    """An EfficientNet-Lite image tower (Lite0 by default), pooled to ``width`` features.
+
+    The Lite family (TF "efficientnet/lite"): MBConv blocks without squeeze-excitation, ReLU6,
+    TensorFlow "same" padding, stem (32) and head (1280) channels not scaled. BatchNorm always
+    uses its running statistics (never the batch's), so a locked tower is a pure function and an
+    unlocked one fine-tunes with frozen statistics, whatever the batch size.
+    """
+
+    model_type: str = "efficientnet_lite"
+    image_size: int = 224
+    width_coefficient: float = 1.0  # Lite0: 1.0 / 1.0; Lite4: 1.4 / 1.8
+    depth_coefficient: float = 1.0
+    stem_channels: int = 32
+    width: int = 1280  # channels of the 1x1 head convolution = the pooled feature size
+    act: str = "relu6"
+    norm_eps: float = 1e-3
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check_choice("vision", "model_type", self.model_type, ("efficientnet_lite",))
+        _check_choice("vision", "act", self.act, ("relu6", *ACTIVATIONS))
+        _check_positive("vision", image_size=self.image_size, width=self.width,
+                        width_coefficient=self.width_coefficient,
+                        depth_coefficient=self.depth_coefficient,
+                        stem_channels=self.stem_channels, norm_eps=self.norm_eps)
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """A BERT text encoder (post-LN blocks, learned positions and token types), pooled as
+    sentence-transformers does (``mean`` over real tokens) or at ``[CLS]`` (``first``)."""
+
+    causal: ClassVar[bool] = False  # bidirectional; read by the tokenizer pooling checks
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    context_length: int = 64  # tokens the tokenizer keeps (at most max_positions)
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    width: int = 384
+    layers: int = 6
+    heads: int = 12
+    mlp_dim: int = 1536
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    pool: str = "mean"  # mean | first
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("text", "model_type", self.model_type, ("bert",))
+        _check_choice("text", "act", self.act, ACTIVATIONS)
+        _check_choice("text", "pool", self.pool, ("mean", "first"))
+        _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
+                        max_positions=self.max_positions, type_vocab_size=self.type_vocab_size,
+                        width=self.width, layers=self.layers, heads=self.heads,
+                        mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
+        if self.width % self.heads:
+            raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads "
+                              f"({self.heads})")
+        if self.context_length > self.max_positions:
+            raise ConfigError(f"text.context_length ({self.context_length}) exceeds "
+                              f"text.max_positions ({self.max_positions})")
+
+
+# Tower kinds by the ``model_type`` saved in each tower's config (absent: the first kind).
+VISION_CONFIGS: dict[str, type] = {"vit": VisionConfig,
+                                   "efficientnet_lite": EfficientNetLiteConfig}
+TEXT_CONFIGS: dict[str, type] = {"transformer": TextConfig, "bert": BertConfig}
+
+
+def _tower_config(kinds: dict[str, type], data: Any, owner: str) -> Any:
+    if not isinstance(data, dict):
+        return data  # already a config object
+    kind = data.get("model_type", next(iter(kinds)))
+    if kind not in kinds:
+        raise ConfigError(f"{owner}.model_type = {kind!r} is not one of {', '.join(kinds)}")
+    return from_dict(kinds[kind], data, owner)
 
 
 @dataclass(frozen=True)
@@ -141,6 +226,7 @@ class ImageCard:
 
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+LITE_MEAN_STD = ((127 / 255,) * 3, (128 / 255,) * 3)  # 0.498 / 0.502
 
 
 @dataclass(frozen=True)
@@ -148,8 +234,8 @@ class DualEncoderConfig:
     """A CLIP or SigLIP dual encoder: two towers, two projections, a temperature (and a bias)."""
 
     model_type: str = "clip"  # clip | siglip: decides the default loss, nothing else
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig | EfficientNetLiteConfig = field(default_factory=VisionConfig)
+    text: TextConfig | BertConfig = field(default_factory=TextConfig)
     embed_dim: int = 512
     # linear | linear_bias | none (SigLIP: the pooled output is the embedding)
     image_projection: str = "linear"
@@ -175,8 +261,8 @@ class DualEncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
         data = dict(data)
-        vision = from_dict(VisionConfig, data.pop("vision", {}), "vision")
-        text = from_dict(TextConfig, data.pop("text", {}), "text")
+        vision = _tower_config(VISION_CONFIGS, data.pop("vision", {}), "vision")
+        text = _tower_config(TEXT_CONFIGS, data.pop("text", {}), "text")
         return from_dict(cls, {**data, "vision": vision, "text": text}, "model")
 
     def replace(self, **changes: Any) -> DualEncoderConfig:
@@ -253,6 +339,14 @@ PRESETS: dict[str, DualEncoderConfig] = {
         _siglip_text(width=768, layers=12, heads=12, mlp_dim=3072)),
 }
 PRESETS["base"] = PRESETS["clip-vit-b-16"]
+# LiT with real pretrained towers from PyPI (imagefm.models.towers.PRESET_TOWERS): a locked
+# ImageNet EfficientNet-Lite0 and a BERT sentence encoder: multilingual-e5-small (Korean too) or,
+# in lit-effnet-en, the English all-MiniLM-L6-v2.
+PRESETS["lit-effnet"] = DualEncoderConfig(
+    "clip", EfficientNetLiteConfig(),
+    BertConfig(vocab_size=250037, layers=12, pad_token_id=1), embed_dim=384)
+PRESETS["lit-effnet-en"] = DualEncoderConfig("clip", EfficientNetLiteConfig(), BertConfig(),
+                                             embed_dim=384)
 
 
 def preset(name: str, **overrides: Any) -> DualEncoderConfig:
@@ -264,6 +358,10 @@ def preset(name: str, **overrides: Any) -> DualEncoderConfig:
 
 def default_card(config: DualEncoderConfig) -> ImageCard:
     """The preprocessing card a freshly initialised model of this config uses."""
+    if config.vision.model_type == "efficientnet_lite":
+        # TF EfficientNet-Lite: (pixel - 127) / 128 on 0..255; ImageNet eval resizes bilinearly.
+        return ImageCard(config.vision.image_size, "shortest", "bilinear", LITE_MEAN_STD[0],
+                         LITE_MEAN_STD[1])
     if config.model_type == "siglip":
         mean, std = HALF_MEAN_STD
         return ImageCard(config.vision.image_size, "squash", "bilinear", mean, std)

@@ -38,11 +38,16 @@ class Processor:
 
 
 def load_processor(path: str | Path, **kwargs: Any) -> Processor:
-    """The processor of the checkpoint at ``path`` (any format ``imagefm.load`` reads)."""
+    """The processor of the checkpoint at ``path`` (any format ``imagefm.load`` reads): a
+    :class:`Processor` for dual encoders, a :class:`imagefm.vlm_processor.VLMProcessor` for VLMs."""
     from imagefm.checkpoint import detect_format, read_meta
 
     path = Path(path)
     fmt = detect_format(path)
+    if fmt in ("imagefm", "hf_llava") and _is_vlm(path, fmt):
+        from imagefm.vlm_processor import VLMProcessor
+
+        return VLMProcessor.from_pretrained(path)
     if fmt == "imagefm":
         from imagefm.config import from_dict
 
@@ -63,3 +68,9 @@ def load_processor(path: str | Path, **kwargs: Any) -> Processor:
     return load_open_clip_processor(path, **kwargs)
 
 
+
+
+def _is_vlm(path: Path, fmt: str) -> bool:
+    from imagefm.checkpoint import read_meta
+
+    return fmt == "hf_llava" or read_meta(path).get("architecture") == "vlm"

@@ -17,7 +17,8 @@ app = typer.Typer(
 )
 
 # Modules under imagefm.cli that contribute commands through `register(app)`.
-COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm")
+COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm", "vlm",
+                   "chat", "adapt")
 
 
 def _version(value: bool) -> None:

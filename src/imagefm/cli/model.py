@@ -23,8 +23,12 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
         ("parameters", f"{model.num_parameters:,} (vision {_count(model.vision):,}, "
                        f"text {_count(model.text):,})"),
         ("vision", f"ViT {v.image_size}px / patch {v.patch_size}, width {v.width}, "
-                   f"{v.layers} layers, {v.heads} heads, mlp {v.mlp_dim}, {v.act}, pool {v.pool}"),
-        ("text", f"width {t.width}, {t.layers} layers, {t.heads} heads, mlp {t.mlp_dim}, {t.act}, "
+                   f"{v.layers} layers, {v.heads} heads, mlp {v.mlp_dim}, {v.act}, pool {v.pool}"
+         if v.model_type == "vit" else
+         f"EfficientNet-Lite {v.image_size}px, width x{v.width_coefficient:g}, depth "
+         f"x{v.depth_coefficient:g}, {v.width} features, {v.act}"),
+        ("text", f"{'BERT, ' if t.model_type == 'bert' else ''}width {t.width}, {t.layers} "
+                 f"layers, {t.heads} heads, mlp {t.mlp_dim}, {t.act}, "
                  f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool}, "
                  f"context {t.context_length}, vocab {t.vocab_size:,}"),
         ("embedding", f"{c.embed_dim} (image proj {c.image_projection}, "

@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp) to imagefm: metadata, dequantised weights, tokenizer, chat template.
 
     load_gguf(path)            -> DecoderLM with .tokenizer and .chat_template
+    load_gguf(path, keep_quantized=True) -> the same, Q4_0/Q4_1/Q8_0 matrices kept as their blocks
     read_gguf(path)            -> GGUFFile: metadata dict + raw tensors (memory-mapped)
     dequantize(raw, type, shape) -> float32 tensor
 
@@ -32,6 +33,7 @@ from imagefm.checkpoint import CheckpointError
 from imagefm.convert.keymap import KeyMap, Rule, Transform, load_with_key_map, rule
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
+from imagefm.models.quantized import GGUF_TYPES, QuantizedLinear, kernel_status, replace_linears
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = ("llama", "qwen2")
@@ -493,9 +495,16 @@ def _one_thread() -> Iterator[None]:
 # --- load ----------------------------------------------------------------------------------------
 
 def load_gguf(path: str | Path, *, strict: bool = True,
-              dtype: torch.dtype = torch.float32) -> DecoderLM:
+              dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> DecoderLM:
     """Load a Llama/Qwen2 GGUF file as a :class:`DecoderLM` (weights dequantised to ``dtype``),
-    with its tokenizer and chat template. ``strict`` fails on any tensor mismatch."""
+    with its tokenizer and chat template. ``strict`` fails on any tensor mismatch.
+
+    ``keep_quantized=True`` keeps the linear layers (and the output projection) that the file
+    stores as Q4_0, Q4_1 or Q8_0 in their blocks, as :class:`QuantizedLinear`: the same weights,
+    about 5x (4-bit) / 3.8x (8-bit) fewer bytes to read per token, so CPU decoding is faster
+    (docs/benchmarks.md). Other types are dequantised as usual. Where the kernel cannot be built
+    (no C compiler) it warns and loads float weights.
+    """
     file = read_gguf(path)
     config = config_from_gguf(file)
     model = DecoderLM.for_loading(config, dtype) if strict else DecoderLM(config).to(dtype)
@@ -506,8 +515,16 @@ def load_gguf(path: str | Path, *, strict: bool = True,
                 weights[name] = dequantize(tensor.raw, tensor.type_name, tensor.shape).to(dtype)
             except ValueError as err:
                 raise CheckpointError(f"{file.path}: tensor {name}: {err}") from None
-    load_with_key_map(model, gguf_key_map(config, file.architecture), weights, strict=strict,
-                      where=str(file.path))
+    key_map = gguf_key_map(config, file.architecture)
+    load_with_key_map(model, key_map, weights, strict=strict, where=str(file.path))
+    del weights
+    if keep_quantized:
+        available, why = kernel_status()
+        if available:
+            _keep_blocks(model, file, key_map)
+        else:
+            warnings.warn(f"{file.path}: quantised matmul kernel unavailable, loading float "
+                          f"weights: {why}", stacklevel=2)
     has_tokenizer = any(k in file.metadata for k in ("tokenizer.ggml.model",
                                                      "tokenizer.huggingface.json"))
     if has_tokenizer:
@@ -518,3 +535,38 @@ def load_gguf(path: str | Path, *, strict: bool = True,
                           stacklevel=2)
     model.chat_template = chat_template_from_gguf(file)
     return model.eval()
+
+
+def _keep_blocks(model: DecoderLM, file: GGUFFile, key_map: KeyMap) -> None:
+    """Swap the float linears loaded from Q4_0/Q4_1/Q8_0 tensors for their blocks.
+
+    The key map's transforms apply to the blocks too: llama.cpp's q/k permutation moves whole
+    rows, and a row's blocks, scales and minima move with it.
+    """
+    layers: dict[str, QuantizedLinear] = {}
+    head = None
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, tensor in file.tensors.items():
+        if tensor.type_name not in GGUF_TYPES or len(tensor.shape) != 2:
+            continue
+        is_embedding = name == "token_embd.weight"
+        matched = key_map._match(name)
+        if matched is None:
+            continue
+        found, binding = matched
+        target = found.ours[0].format(**binding).removesuffix(".weight")
+        if not (target in linears or (is_embedding and model.lm_head is None)):
+            continue
+        layer = QuantizedLinear.from_gguf(tensor.raw, tensor.type_name, tensor.shape)
+        values, scales = (found.transform.to_ours(t, [None])[0]
+                          for t in (layer.qweight, layer.scales))
+        bias = model.get_submodule(target).bias if target in linears else None
+        layer = QuantizedLinear(values.contiguous(), scales.contiguous(), layer.bits,
+                                bias.detach() if bias is not None else None)
+        if is_embedding:
+            head = layer  # the tied output projection; the input lookup keeps float rows
+        elif target == "lm_head":
+            head = layer
+        else:
+            layers[target] = layer
+    replace_linears(model, layers, head)

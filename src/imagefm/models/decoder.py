@@ -17,7 +17,9 @@ Inference speed (CPU decode is dominated by per-op overhead and weight reads):
   concatenated weight, cached and rebuilt only when a weight changes. The weights themselves stay
   separate ``nn.Linear`` modules, so checkpoints, converters and LoRA target them by name;
 * rotary embeddings rotate q and k together, from a cos/sin table computed once;
-* attention goes through SDPA with native grouped-query support and no mask when none is needed.
+* attention goes through SDPA with native grouped-query support and no mask when none is needed;
+* the linear layers may be :class:`~imagefm.models.quantized.QuantizedLinear` (GGUF Q4/Q8 blocks,
+  ``load_gguf(path, keep_quantized=True)``): ~5x fewer bytes per decoding step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.models.decoder_config import DecoderConfig
+from imagefm.models.quantized import QuantizedLinear, is_quantized
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt, padding, image tokens)
 
@@ -130,7 +133,8 @@ class _FusedLinear:
     concatenated weight is cached and rebuilt when any source weight is replaced or modified in
     place (tracked by data pointer and version counter).
     Modules that are not plain ``nn.Linear`` (e.g. LoRA wrappers) turn fusing off, so their
-    extra computation is never skipped.
+    extra computation is never skipped. :class:`QuantizedLinear` layers are always joined (they
+    have no parameters to train): one kernel call, on their blocks laid back to back.
     """
 
     def __init__(self, names: tuple[str, ...]) -> None:
@@ -138,9 +142,16 @@ class _FusedLinear:
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self.quantized: QuantizedLinear | None = None
 
     def __call__(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
         modules = [getattr(owner, name) for name in self.names]
+        if all(type(m) is QuantizedLinear for m in modules):
+            key = tuple(t.data_ptr() for m in modules for t in m._buffers.values()
+                        if t is not None)
+            if key != self.key or self.quantized is None:
+                self.quantized, self.key = QuantizedLinear.concat(modules), key
+            return self.quantized(x)
         unfused = (torch.is_grad_enabled() or owner.training
                    or any(type(m) is not nn.Linear for m in modules))
         if unfused:
@@ -291,6 +302,9 @@ class DecoderLM(nn.Module):
         # Tied: the output projection is the embedding matrix itself (no second parameter).
         self.lm_head = (None if config.tie_embeddings
                         else nn.Linear(config.width, config.vocab_size, bias=False))
+        # A quantised copy of the tied embedding matrix for the output projection (see
+        # imagefm.models.quantized); the embedding itself stays float for the input lookup.
+        self.quantized_head: QuantizedLinear | None = None
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.tokenizer: Any = None
@@ -329,6 +343,9 @@ class DecoderLM(nn.Module):
         """Write an imagefm checkpoint (weights, config, tokenizer files, chat template)."""
         from imagefm.checkpoint import save_model
 
+        if is_quantized(self):
+            raise ValueError("this model has quantised layers (QuantizedLinear), which imagefm "
+                             "checkpoints do not hold; save a model loaded without quantisation")
         return save_model(self, directory)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -404,7 +421,8 @@ class DecoderLM(nn.Module):
             cache.length = past + length
         hidden = self.norm(x)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        logits = F.linear(kept, self.output_weight)
+        head = self.quantized_head if self.quantized_head is not None else self.lm_head
+        logits = head(kept) if head is not None else F.linear(kept, self.embed_tokens.weight)
         loss = None
         if labels is not None:
             if logits_to_keep > 0:

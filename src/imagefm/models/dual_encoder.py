@@ -3,6 +3,9 @@
     pixels ─► VisionTransformer ─► image_proj ─┐
                                                ├─► normalise ─► scale·img@txtᵀ (+bias) ─► logits
     tokens ─► TextTransformer  ─► text_proj  ─┘
+
+The towers are whatever the config's ``model_type`` names (``imagefm.models.towers``): our ViT or
+EfficientNet-Lite for images, our text transformer or BERT for text.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.config import ConfigError, DualEncoderConfig, ImageCard, TextConfig, default_card
-from imagefm.models.text import TextTransformer
-from imagefm.models.vit import VisionTransformer
+from imagefm.models.towers import build_text_tower, build_vision_tower
 
 
 @dataclass
@@ -86,8 +88,8 @@ class DualEncoder(nn.Module):
         self.card = card or default_card(config)
         # The tokenizer travels with the model so a checkpoint is self-contained; loaders set it.
         self._tokenizer: Any = None
-        self.vision = VisionTransformer(config.vision)
-        self.text = TextTransformer(config.text)
+        self.vision = build_vision_tower(config.vision)
+        self.text = build_text_tower(config.text)
         self.image_proj = _projection(config.image_projection, config.vision.width,
                                       config.embed_dim)
         self.text_proj = _projection(config.text_projection, config.text.width, config.embed_dim)
@@ -106,7 +108,17 @@ class DualEncoder(nn.Module):
         self._tokenizer = tokenizer
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, D], not normalised (as HF ``get_image_features``)."""
+        """Projected image embeddings [B, D], not normalised (as HF ``get_image_features``).
+
+        ``pixel_values`` [B, C, H, W], or the image tower's own pooled output [B, width]: how a
+        data source that caches a locked tower's features feeds them (the tower is skipped).
+        """
+        if pixel_values.dim() == 2:
+            if pixel_values.shape[-1] != self.config.vision.width:
+                raise ValueError(f"precomputed image features must be [B, "
+                                 f"{self.config.vision.width}] (the image tower's width), got "
+                                 f"{tuple(pixel_values.shape)}")
+            return self.image_proj(pixel_values.to(self.logit_scale.dtype))
         return self.image_proj(self.vision(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor,
@@ -134,8 +146,10 @@ class DualEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.vision.transformer.gradient_checkpointing = enabled
-        self.text.transformer.gradient_checkpointing = enabled
+        for tower in (self.vision, self.text):
+            # Our transformers keep the switch on their block stack, the other towers on
+            # themselves.
+            getattr(tower, "transformer", tower).gradient_checkpointing = enabled
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""

@@ -109,16 +109,20 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Self-attention over x, or cross-attention from x to ``context`` when given."""
-        if context is None:
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if context is None and all(type(p) is nn.Linear for p in projections):
             # One fused matmul for q, k and v is markedly faster on CPU than three; the weights
             # stay separate modules so checkpoints and LoRA target q_proj/k_proj/v_proj by name.
+            # Only for plain Linear layers: a wrapped one (a peft LoRA layer) must run its own
+            # forward, or its update would be silently skipped.
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
             bias = None
             if self.q_proj.bias is not None:
                 bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
             q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+            source = x if context is None else context
+            q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
         q, k, v = self._split(q), self._split(k), self._split(v)
         out = attend(q, k, v, mask, is_causal)
         b, _, n, _ = out.shape
@@ -163,9 +167,10 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        """``is_causal`` is a faster spelling of a pure causal ``mask`` (then pass mask=None)."""
-        for block in self.blocks:
+                is_causal: bool = False, blocks: int | None = None) -> torch.Tensor:
+        """``is_causal`` is a faster spelling of a pure causal ``mask`` (then pass mask=None).
+        ``blocks`` runs only the first that many blocks (None: all)."""
+        for block in self.blocks[:blocks]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, is_causal,
                                                       use_reentrant=False)

@@ -82,6 +82,15 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """All output tokens after the final norm: [B, (1 +) patches, width]."""
+        return self.norm_post(self.hidden_states(pixel_values))
+
+    def hidden_states(self, pixel_values: torch.Tensor, blocks: int | None = None
+                      ) -> torch.Tensor:
+        """Tokens after the first ``blocks`` blocks (all when None), before the final norm.
+
+        A VLM reads its image features here: LLaVA takes the second-to-last block's output
+        (HF ``hidden_states[-2]``) without the post-norm.
+        """
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
@@ -90,8 +99,7 @@ class VisionTransformer(nn.Module):
         x = x + self.position_embeddings(grid).to(x.dtype)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
-        x = self.transformer(x)
-        return self.norm_post(x)
+        return self.transformer(x, blocks=blocks)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         pool = self.config.pool

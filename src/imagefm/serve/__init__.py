@@ -1,13 +1,15 @@
-"""Serve a dual encoder over HTTP: embeddings (OpenAI-shaped), zero-shot, search, a web page.
+"""Serve a model over HTTP. A dual encoder: embeddings (OpenAI-shaped), zero-shot, search, a web
+page. A VLM or language model: chat completions (OpenAI's chat API, streaming included).
 
     from imagefm.serve import create_app, run_server
     app = create_app(model, index=index)            # a FastAPI app (tests, embedding elsewhere)
     run_server(model, index=index, settings=ServeSettings(port=8000))
+    run_server(vlm)                                 # POST /v1/chat/completions
 
 Modules: ``settings`` (limits and defaults), ``batching`` (dynamic batching), ``engine`` (model,
 decoding, zero-shot, search), ``security`` (size limit, headers, API key), ``schemas``
-(request/response bodies), ``app`` (routes). FastAPI and uvicorn are imported only here, never
-by ``import imagefm``.
+(request/response bodies), ``app`` (routes), ``chat`` (the chat completions app). FastAPI and
+uvicorn are imported only here, never by ``import imagefm``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
     POST /v1/classify     zero-shot classification of an image among given labels
     POST /v1/search       text or image query against the index
     GET  /v1/models       the served model, OpenAI-shaped
+    POST /v1/chat/completions  (a served VLM or language model instead: see serve/chat.py)
     GET  /v1/thumbnails/{id}, /v1/images/{id}   files of the index, by row id only
     GET  /healthz         liveness, index size, queue depths, batching counters
     GET  /                the web page (static/index.html + app.js + style.css)
@@ -20,7 +21,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -65,9 +66,19 @@ def _error(status: int, message: str, kind: str,
 
 def create_app(model: Any, processor: Any = None, index: Any = None,
                settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` (and searching ``index`` when given)."""
+    """The FastAPI app serving ``model`` (and searching ``index`` when given). A VLM or
+    language model gets the chat completions API instead (``imagefm.serve.chat``)."""
+    from imagefm.apps.vlm_chat import is_chat_model
+
     settings = settings or ServeSettings()
     name = settings.model_name or _default_model_name(model, index)
+    if is_chat_model(model):
+        if index is not None:
+            raise ValueError(f"an index is searched with a dual encoder; a "
+                             f"{type(model).__name__} generates text")
+        from imagefm.serve.chat import create_chat_app
+
+        return create_chat_app(model, processor, settings, name)
     engine = Engine(model, processor, index, settings, name)
     created = int(time.time())
 
@@ -79,25 +90,10 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
         finally:
             await engine.stop()
 
-    # No /docs or /redoc: they load their scripts from a CDN, which the page policy forbids.
-    app = FastAPI(title="imagefm", version=_version(), lifespan=lifespan, docs_url=None,
-                  redoc_url=None)
+    app = new_app(settings, lifespan)
     app.state.engine = engine
-    app.add_middleware(LimitsAndHeaders, max_bytes=settings.max_request_bytes)
-    _install_error_handlers(app)
-
-    async def require_key(authorization: str | None = Header(None),
-                          x_api_key: str | None = Header(None)) -> None:
-        if settings.api_key and not key_matches(settings.api_key, authorization, x_api_key):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", {"WWW-Authenticate": "Bearer"})
-
-    def check_model(requested: str | None) -> None:
-        if requested and requested != name:
-            raise ApiError(404, f"model {requested!r} not found; this server serves {name!r}",
-                           "not_found_error")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    check_model = model_checker(name)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
 
     @v1.post("/embeddings", response_model=schemas.EmbeddingResponse)
     async def embeddings(body: schemas.EmbeddingRequest) -> schemas.EmbeddingResponse:
@@ -172,7 +168,7 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
         return schemas.SearchResponse(query_type=query_type, results=results,
                                       took_ms=round((time.perf_counter() - started) * 1000, 2))
 
-    @v1.get("/models", response_model=schemas.ModelList)
+    @v1.get("/models", response_model=schemas.ModelList, response_model_exclude_none=True)
     async def models() -> schemas.ModelList:
         card = engine.image_processor.card
         model_type = getattr(getattr(model, "config", None), "model_type", "clip")
@@ -223,6 +219,39 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
         return _static(name)
 
     return app
+
+
+def new_app(settings: ServeSettings, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
+    """A FastAPI app with the size limit, security headers and JSON error handlers."""
+    # No /docs or /redoc: they load their scripts from a CDN, which the page policy forbids.
+    app = FastAPI(title="imagefm", version=_version(), lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    app.add_middleware(LimitsAndHeaders, max_bytes=settings.max_request_bytes)
+    _install_error_handlers(app)
+    return app
+
+
+def key_dependency(settings: ServeSettings) -> Callable[..., Awaitable[None]]:
+    """The dependency that guards /v1/* with the API key, when one is set."""
+
+    async def require_key(authorization: str | None = Header(None),
+                          x_api_key: str | None = Header(None)) -> None:
+        if settings.api_key and not key_matches(settings.api_key, authorization, x_api_key):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+    return require_key
+
+
+def model_checker(name: str) -> Callable[[str | None], None]:
+    """Refuses (404) a request naming another model than the one served."""
+
+    def check_model(requested: str | None) -> None:
+        if requested and requested != name:
+            raise ApiError(404, f"model {requested!r} not found; this server serves {name!r}",
+                           "not_found_error")
+
+    return check_model
 
 
 def _static(name: str) -> Response:

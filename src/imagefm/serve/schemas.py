@@ -1,9 +1,10 @@
-"""Request and response bodies. ``/v1/embeddings`` follows the OpenAI embeddings API, so its
-clients work unchanged; images travel as base64 or ``data:image/...;base64,`` URLs."""
+"""Request and response bodies. ``/v1/embeddings`` follows the OpenAI embeddings API and
+``/v1/chat/completions`` its chat API, so their clients work unchanged; images travel as base64 or
+``data:image/...;base64,`` URLs."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,14 +106,95 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagefm"
-    model_type: str
-    embed_dim: int
-    image_size: int
+    model_type: str  # clip, siglip... for embedding models; vlm, llama, qwen2 for generators
+    embed_dim: int | None = None  # embedding models
+    image_size: int | None = None  # models that take images
+    context_length: int | None = None  # models that generate text
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- chat completions (OpenAI's chat API) -----------------------------------------------------
+# Requests ignore fields we do not use, as OpenAI clients send some by default; fields that would
+# change the answer and are not supported are refused by the route, not ignored.
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageUrl(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Lenient):
+    """``{"type": "text", "text": ...}`` or ``{"type": "image_url", "image_url": {"url": ...}}``
+    (the URL a ``data:image/...;base64,`` URL: the server fetches nothing)."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # the older name of max_completion_tokens
+    temperature: float | None = Field(None, ge=0, le=2)  # default 1 (sampling), as OpenAI; 0 greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    # Beyond OpenAI, as vLLM and llama.cpp servers take them (openai client: extra_body=...).
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
 
 
 class ErrorBody(BaseModel):

@@ -27,10 +27,16 @@ class ServeSettings:
     max_k: int = 100  # search results per request
     decode_threads: int = 4  # image decoding runs beside the model thread
     classifier_cache: int = 32  # label sets whose text embeddings are kept
+    # Chat completions (a served VLM or LM): one generation at a time on one worker thread.
+    max_new_tokens: int = 512  # most tokens one reply may generate (the default when unasked)
+    max_chat_images: int = 8  # images in one chat request
+    max_prompt_chars: int = 100_000  # text in one chat request, checked before tokenising
+    max_chat_queue: int = 8  # chat requests generating or waiting before answering 503
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_request_bytes", "max_image_pixels",
-                     "max_inputs", "max_text_chars", "max_labels", "max_k", "decode_threads"):
+                     "max_inputs", "max_text_chars", "max_labels", "max_k", "decode_threads",
+                     "max_new_tokens", "max_chat_images", "max_prompt_chars", "max_chat_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.timeout_s <= 0:

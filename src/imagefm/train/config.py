@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "clip", "siglip")
-TASKS = ("contrastive",)
+TASKS = ("contrastive", "vlm")
 
 
 @dataclass
@@ -61,13 +61,16 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {vision: {layers: 2}}
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
+    # Start the preset's towers from the pretrained weights it names, where it names any
+    # (imagefm.models.towers.PRESET_TOWERS; lit-effnet: EfficientNet-Lite0 + multilingual-e5-small).
+    pretrained: bool = True
 
 
 @dataclass
 class TaskConfig:
     """What is optimised. ``loss = auto`` follows the model's ``model_type``."""
 
-    name: str = "contrastive"
+    name: str = "contrastive"  # contrastive (dual encoders) | vlm (next-token loss on replies)
     loss: str = "auto"  # auto | clip | siglip
     max_logit_scale: float = 100.0  # logit_scale is clamped to log(this) after every step
     gather_with_grad: bool = True  # clip under DDP: exact global-batch gradients
@@ -116,13 +119,22 @@ class StageConfig:
 
     Prefixes are parameter-name prefixes on module boundaries (``vision`` matches
     ``vision.pos_embed`` but not ``vision_proj``). ``preset`` adds its own frozen prefixes:
-    ``align`` trains everything, ``lit`` locks the image tower (LiT).
+    ``full`` trains everything; ``lit`` locks the image tower (LiT); for a VLM, ``align``
+    trains the projector only (vision tower and LM frozen) and ``sft`` the projector and the LM.
     """
 
-    preset: str = "align"
+    preset: str = "full"
     frozen: list[str] = field(default_factory=list)
     lr_mult: dict[str, float] = field(default_factory=dict)  # longest matching prefix wins
     unlock_last_n: dict[str, int] = field(default_factory=dict)  # {"vision": 2}: thaw 2 blocks
+    # LoRA (through peft) on the named linear layers under `lora_modules`; those modules' own
+    # weights are then frozen, and the update is merged back into them in the exported model.
+    lora_rank: int = 0  # 0 = no LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                             "o_proj"])
+    lora_modules: list[str] = field(default_factory=lambda: ["lm"])
 
 
 @dataclass
@@ -155,7 +167,8 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-STAGE_PRESETS: dict[str, list[str]] = {"align": [], "lit": ["vision"]}
+STAGE_PRESETS: dict[str, list[str]] = {"full": [], "lit": ["vision"], "align": ["vision", "lm"],
+                                        "sft": ["vision"]}
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -239,18 +252,34 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+# run.local sizes per tower kind (model_type): a few thousand parameters each, random weights.
+LOCAL_TOWERS: dict[str, dict[str, Any]] = {
+    "vit": {"layers": 1, "width": 32, "heads": 2, "mlp_dim": 64},
+    "transformer": {"layers": 1, "width": 32, "heads": 2, "mlp_dim": 64},
+    "efficientnet_lite": {"image_size": 32, "width_coefficient": 0.25,
+                          "depth_coefficient": 0.34, "stem_channels": 8, "width": 32},
+    "bert": {"layers": 1, "width": 32, "heads": 2, "mlp_dim": 64, "context_length": 32},
+}
+
+
 def shrink_for_local(data: dict[str, Any]) -> dict[str, Any]:
     """A laptop-sized version of a config: tiny model, a few steps, small batches, CPU-friendly."""
+    from imagefm.config import PRESETS
+
     data = copy.deepcopy(data)
     model, train, run, optim, dataset = (data[k] for k in ("model", "train", "run", "optim",
                                                            "data"))
     if model.get("init") is None:
-        model["preset"] = "siglip-tiny" if "siglip" in str(model.get("preset")) else "tiny"
-        small = {"layers": 1, "width": 32, "heads": 2, "mlp_dim": 64}
+        base = PRESETS.get(str(model.get("preset")))
+        kinds = (base.vision.model_type, base.text.model_type) if base else ("vit", "transformer")
+        if kinds == ("vit", "transformer"):  # any ViT preset shrinks to the tiny one
+            model["preset"] = "siglip-tiny" if "siglip" in str(model.get("preset")) else "tiny"
+        else:  # other towers keep their kind, shrunk, with random weights
+            model["pretrained"] = False
         overrides = model.get("config") or {}
         model["config"] = {**overrides, "embed_dim": 32,
-                           "vision": {**overrides.get("vision", {}), **small},
-                           "text": {**overrides.get("text", {}), **small}}
+                           "vision": {**overrides.get("vision", {}), **LOCAL_TOWERS[kinds[0]]},
+                           "text": {**overrides.get("text", {}), **LOCAL_TOWERS[kinds[1]]}}
     model["compile"] = False
     train["steps"] = min(train["steps"], 20)
     train["gradcache_chunk"] = min(train["gradcache_chunk"], 4)
@@ -357,12 +386,25 @@ def validate(c: TrainConfig) -> None:
                           f"got {c.train.ema_decay}")
     if c.task.max_logit_scale <= 1:
         raise ConfigError(f"task.max_logit_scale must be > 1, got {c.task.max_logit_scale}")
+    if c.task.name == "vlm" and c.model.init is None:
+        raise ConfigError("task.name = vlm trains an existing VLM: set model.init to its "
+                          "checkpoint (make one with `imagefm vlm init --vision M --lm LM`)")
+    if c.task.name == "vlm" and c.train.gradcache_chunk:
+        raise ConfigError("train.gradcache_chunk is for contrastive batches; the vlm task's "
+                          "loss is per example: set train.gradcache_chunk=0")
     if c.train.gradcache_chunk and c.train.strategy == "fsdp":
         raise ConfigError("train.gradcache_chunk needs train.strategy=ddp: GradCache re-runs the "
                           "model chunk by chunk, which FSDP's sharded parameters do not support")
     for prefix, n in c.stage.unlock_last_n.items():
         if n < 0:
             raise ConfigError(f"stage.unlock_last_n.{prefix} must be >= 0, got {n}")
+    if c.stage.lora_rank < 0 or (c.stage.lora_rank and (c.stage.lora_alpha <= 0 or
+                                                        not c.stage.lora_targets)):
+        raise ConfigError("stage.lora_rank must be >= 0, with lora_alpha > 0 and at least one "
+                          "name in stage.lora_targets")
+    if c.stage.lora_rank and c.train.ema_decay:
+        raise ConfigError("train.ema_decay is not supported with stage.lora_rank: the average "
+                          "would mix LoRA tensors that are merged away at export")
     for prefix, mult in c.stage.lr_mult.items():
         if mult < 0:
             raise ConfigError(f"stage.lr_mult.{prefix} must be >= 0, got {mult}")

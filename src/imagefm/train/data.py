@@ -37,8 +37,15 @@ def register_data_source(name: str, factory: DataSource) -> None:
     DATA_SOURCES[name] = factory
 
 
+# Modules that register more built-in sources when imported (imported on first lookup, as they
+# import this module themselves).
+SOURCE_MODULES = ("imagefm.train.vlm_data",)
+
+
 def get_data_source(name: str) -> DataSource:
     """A registered source, or an importable ``"package.module:function"``."""
+    for module in SOURCE_MODULES:
+        importlib.import_module(module)
     if name in DATA_SOURCES:
         return DATA_SOURCES[name]
     module_name, sep, attr = name.partition(":")

@@ -18,7 +18,7 @@ from imagefm.config import ConfigError, DualEncoderConfig, preset
 from imagefm.train import distributed
 from imagefm.train.config import TrainConfig, load_config
 from imagefm.train.data import get_data_source, local_batch_size
-from imagefm.train.tasks import ContrastiveTask
+from imagefm.train.tasks import ContrastiveTask, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
 
 
@@ -31,14 +31,24 @@ def build_model(config: TrainConfig) -> nn.Module:
         from imagefm.checkpoint import load
 
         return load(config.model.init).train()
-    from imagefm.models.dual_encoder import DualEncoder
+    from imagefm.models.towers import PRESET_TOWERS, build_dual_encoder
 
     data = _merge(preset(config.model.preset).to_dict(), config.model.config)
-    return DualEncoder(DualEncoderConfig.from_dict(data))
+    towers = PRESET_TOWERS.get(config.model.preset, {}) if config.model.pretrained else {}
+    return build_dual_encoder(DualEncoderConfig.from_dict(data), towers)
 
 
-def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask:
+def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask | VLMTask:
     """The task named by ``task.name``; ``task.loss=auto`` follows the model's type."""
+    from imagefm.models.vlm import VLM
+
+    if config.task.name == "vlm":
+        if not isinstance(model, VLM):
+            raise ConfigError(f"task.name = vlm needs a VLM checkpoint in model.init; "
+                              f"{config.model.init} holds a {type(model).__name__}")
+        return VLMTask()
+    if isinstance(model, VLM):
+        raise ConfigError("model.init holds a VLM: train it with task.name=vlm")
     loss = config.task.loss
     if loss == "auto":
         loss = getattr(getattr(model, "config", None), "model_type", "clip")
@@ -56,6 +66,8 @@ def run(config: TrainConfig) -> Path:
         seed_everything(config.run.seed)  # the same initial weights on every rank
         model = build_model(config)
         task = build_task(config, model)
+        from imagefm.train import recipe_data  # noqa: F401  (registers data.source=recipes)
+
         make_loader = get_data_source(config.data.source)(config, model, info)
         return Trainer(model, task, config, make_loader).fit()
     finally:

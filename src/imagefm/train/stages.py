@@ -31,9 +31,16 @@ def matches(name: str, prefix: str) -> bool:
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, float]:
-    """Set ``requires_grad`` per the stage; return ``{name: lr_mult}`` of trainable parameters."""
-    names = [name for name, _ in model.named_parameters()]
+    """Set ``requires_grad`` per the stage; return ``{name: lr_mult}`` of trainable parameters.
+
+    With ``stage.lora_rank`` > 0, LoRA layers are injected first (``add_lora``); the modules
+    they live in are frozen, except for the LoRA tensors themselves.
+    """
     frozen = STAGE_PRESETS[stage.preset] + list(stage.frozen)
+    if stage.lora_rank:
+        add_lora(model, stage)
+        frozen += [m for m in stage.lora_modules if m not in frozen]
+    names = [name for name, _ in model.named_parameters()]
     for key, prefixes in (("stage.frozen", frozen), ("stage.lr_mult", list(stage.lr_mult)),
                           ("stage.unlock_last_n", list(stage.unlock_last_n))):
         for prefix in prefixes:
@@ -48,7 +55,8 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, float]:
 
     mults: dict[str, float] = {}
     for name, param in model.named_parameters():
-        is_frozen = any(matches(name, p) for p in frozen) and name not in unlocked
+        is_frozen = (any(matches(name, p) for p in frozen) and name not in unlocked
+                     and not is_lora_parameter(name))
         param.requires_grad_(not is_frozen)
         if not is_frozen:
             mults[name] = _lr_mult(name, stage.lr_mult)
@@ -91,3 +99,35 @@ def _require_match(key: str, prefix: str, names: list[str], model: nn.Module) ->
         top = ", ".join(name for name, _ in model.named_children())
         raise ConfigError(f"{key}: {prefix!r} matches no parameter of the model; its top-level "
                           f"modules are: {top}")
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def is_lora_parameter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def add_lora(model: nn.Module, stage: StageConfig) -> None:
+    """Inject LoRA layers (peft) into the ``lora_targets`` linears under ``lora_modules``."""
+    from imagefm.adapt.lora import LoraSettings
+    from imagefm.adapt.lora import add_lora as inject
+
+    for prefix in stage.lora_modules:
+        _require_match("stage.lora_modules", prefix, [n for n, _ in model.named_parameters()],
+                       model)
+    settings = LoraSettings(rank=stage.lora_rank, alpha=stage.lora_alpha,
+                            dropout=stage.lora_dropout, targets=tuple(stage.lora_targets))
+    inject(model, settings, towers=list(stage.lora_modules))
+    if not any(is_lora_parameter(name) for name, _ in model.named_parameters()):
+        raise ConfigError(f"stage.lora_targets {stage.lora_targets} match no linear layer under "
+                          f"{stage.lora_modules}")
+
+
+def merge_lora(model: nn.Module) -> bool:
+    """Fold LoRA updates back into plain layers (in place); whether there were any."""
+    if not any(is_lora_parameter(name) for name, _ in model.named_parameters()):
+        return False
+    from imagefm.adapt.lora import merge_lora as merge
+
+    merge(model)
+    return True

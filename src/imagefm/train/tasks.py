@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from imagefm.losses import clip_loss, siglip_loss
+from imagefm.models.decoder import IGNORE_INDEX
 
 Metrics = dict[str, Any]
 
@@ -107,3 +108,19 @@ class ContrastiveTask:
         log_scale = getattr(unwrap(model), "logit_scale", None)
         if isinstance(log_scale, torch.Tensor):
             log_scale.clamp_(max=self.max_log_scale)
+
+
+class VLMTask:
+    """Next-token loss of a VLM on the labelled tokens (assistant replies) of each batch.
+
+    Batches are dicts with ``input_ids``, ``labels`` (``IGNORE_INDEX`` where nothing is
+    learned), ``attention_mask`` and ``pixel_values`` (one image per placeholder run), as
+    :meth:`imagefm.vlm_processor.VLMProcessor.collate` builds them.
+    """
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
+                    labels=batch["labels"])
+        # Labels are shifted by one inside the loss: count the positions that are predicted.
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return out.loss, {"label_tokens": tokens}

@@ -35,7 +35,7 @@ from imagefm.train.config import TrainConfig
 from imagefm.train.gradcache import gradcache_backward
 from imagefm.train.metrics import MetricsLogger
 from imagefm.train.optim import ExponentialMovingAverage, build_optimizer, build_scheduler
-from imagefm.train.stages import apply_stage
+from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.state import Progress, restore_rng
 from imagefm.train.tasks import Task
 
@@ -240,7 +240,12 @@ class Trainer:
         return path
 
     def export(self) -> None:
-        """Save the final weights as a model checkpoint: ``final/`` (and ``final_ema/``)."""
+        """Save the final weights as a model checkpoint: ``final/`` (and ``final_ema/``).
+
+        LoRA updates are merged into the weights first (in place: the run is over), so the
+        exported model is an ordinary one.
+        """
+        merge_lora(self.model)
         # Gathering sharded weights is a collective: every rank takes part, rank 0 writes.
         fsdp = distributed.is_fsdp(self.model)
         weights = run_state.full_model_state(self.model) if fsdp else None

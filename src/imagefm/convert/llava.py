@@ -1,0 +1,163 @@
+"""Hugging Face ``LlavaForConditionalGeneration`` directories → :class:`imagefm.models.vlm.VLM`.
+
+Several key layouts exist, and all load (the roots are read off the checkpoint's keys):
+
+- transformers < 4.52: ``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+  ``language_model.model.*`` and ``language_model.lm_head.weight``;
+- 4.52 and later, in memory: ``model.vision_tower.vision_model.*``,
+  ``model.multi_modal_projector.*``, ``model.language_model.*`` and ``lm_head.weight``;
+- transformers 5 saves the language model under the old names again, and the vision tower
+  without its ``vision_model.`` level (``vision_tower.encoder.*``).
+
+The tower rules are the CLIP/SigLIP vision rules of :mod:`imagefm.convert.hf` and the LM rules of
+:mod:`imagefm.convert.llama`, re-rooted; only the projector's two rules are new here.
+``vision_feature_layer`` and ``vision_feature_select_strategy`` carry over into the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from imagefm.checkpoint import CheckpointError
+from imagefm.config import ConfigError
+from imagefm.convert.hf import (
+    _CLIP_VISION_DEFAULTS,
+    _SIGLIP_VISION_DEFAULTS,
+    CLIP_KEY_MAP,
+    PREPROCESSOR_FILE,
+    SIGLIP_KEY_MAP,
+    _read_json,
+    _sub_config,
+    _vision,
+    card_from_hf,
+    read_hf_weights,
+)
+from imagefm.convert.keymap import KeyMap, Rule, load_with_key_map, rule
+from imagefm.convert.llama import (
+    CONFIG_FILE,
+    config_from_hf_lm,
+    hf_lm_key_map,
+    load_lm_tokenizer,
+    read_chat_template,
+)
+from imagefm.models.vlm import VLM, VLMConfig
+
+_TOWERS = {  # vision_config.model_type -> (defaults, structure, key map)
+    "clip_vision_model": (_CLIP_VISION_DEFAULTS,
+                          dict(class_token=True, patch_bias=False, pre_norm=True, pool="cls"),
+                          CLIP_KEY_MAP),
+    "siglip_vision_model": (_SIGLIP_VISION_DEFAULTS,
+                            dict(class_token=False, patch_bias=True, pre_norm=False, pool="mean"),
+                            SIGLIP_KEY_MAP),
+}
+_ACTIVATIONS = ("gelu",)  # LLaVA's projector_hidden_act; our mlp2x_gelu is exact GELU
+
+
+def _rerooted(rules: tuple[Rule, ...], source_from: str, source_to: str, ours_to: str
+              ) -> list[Rule]:
+    """``rules`` whose source names start with ``source_from``, moved under new roots."""
+    out = []
+    for r in rules:
+        if r.source.startswith(source_from):
+            source = source_to + r.source[len(source_from):]
+            out.append(rule(source, [ours_to + name for name in r.ours], r.transform))
+    return out
+
+
+def _prefix(keys: list[str], suffix: str, default: str) -> str:
+    """What comes before ``suffix`` in the key that ends with it (``default`` if none does)."""
+    found = [k[: -len(suffix)] for k in keys if k.endswith(suffix)]
+    return min(found, key=len) if found else default
+
+
+def llava_key_map(config: VLMConfig, vision_type: str, keys: list[str]) -> KeyMap:
+    """The key map for a checkpoint whose key names are ``keys``.
+
+    Each part's root is read off the keys: the vision tower under ``vision_tower.vision_model.``
+    (transformers 4), ``vision_tower.`` (5) or either under ``model.``; the LM under
+    ``language_model.model.`` or ``model.language_model.``; the head as ``lm_head.weight`` or
+    ``language_model.lm_head.weight``.
+    """
+    vision_root = _prefix(keys, "embeddings.patch_embedding.weight", "vision_tower.vision_model.")
+    projector_root = _prefix(keys, "linear_1.weight", "multi_modal_projector.")
+    lm_root = _prefix(keys, "embed_tokens.weight", "language_model.model.")
+    head = ("language_model.lm_head.weight" if "language_model.lm_head.weight" in keys
+            else "lm_head.weight")
+    tower_map = _TOWERS[vision_type][2]
+    lm_map = hf_lm_key_map(config.lm)
+    vision_rules = tuple(r for r in tower_map.rules if r.source.startswith("vision_model."))
+    # Our dual encoder's tower is "vision.*" and so is the VLM's: only the source side moves.
+    rules = _rerooted(vision_rules, "vision_model.", vision_root, "")
+    rules += _rerooted(lm_map.rules, "model.", lm_root, "lm.")
+    rules += [rule(head, "lm." + r.ours[0], r.transform) for r in lm_map.rules
+              if r.source == "lm_head.weight"]
+    for index in (1, 2):
+        rules += [rule(f"{projector_root}linear_{index}.{p}", f"projector.fc{index}.{p}")
+                  for p in ("weight", "bias")]
+    ignore = [f"{vision_root}embeddings.position_ids",
+              f"{lm_root}layers.{{i}}.self_attn.rotary_emb.inv_freq",
+              f"{lm_root}rotary_emb.inv_freq"]
+    if config.lm.tie_embeddings:
+        ignore.append(head)
+    return KeyMap(f"Hugging Face LLaVA (vision at {vision_root!r}, LM at {lm_root!r})",
+                  tuple(rules), tuple(ignore))
+
+
+def config_from_llava(hf: dict[str, Any], where: str = CONFIG_FILE) -> tuple[VLMConfig, str]:
+    """Our config (and the vision tower's HF model type) from a LLaVA ``config.json``."""
+    if hf.get("model_type") != "llava":
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not 'llava'")
+    vision_type = (hf.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if vision_type not in _TOWERS:
+        raise CheckpointError(f"{where}: vision tower {vision_type!r} is not supported; imagefm "
+                              f"reads {', '.join(_TOWERS)}")
+    defaults, structure, _ = _TOWERS[vision_type]
+    vision = _sub_config(hf, "vision", defaults)
+    if vision.get("vision_use_head"):  # loaded, though LLaVA reads hidden states, not the head
+        structure = {**structure, "pool": "map"}
+    text = dict(hf.get("text_config") or {})
+    text.setdefault("model_type", "llama")
+    act = hf.get("projector_hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{where}: projector_hidden_act {act!r} is not supported")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: imagefm reads one "
+                              f"layer, not a list of layers")
+    token = hf.get("image_token_id", hf.get("image_token_index", 32000))
+    try:
+        config = VLMConfig(
+            vision=_vision(vision, where, **structure),
+            lm=config_from_hf_lm(text, where), image_token_id=int(token),
+            projector="mlp2x_gelu", projector_bias=bool(hf.get("multimodal_projector_bias",
+                                                                  True)),
+            vision_feature_layer=layer,
+            vision_feature_select=hf.get("vision_feature_select_strategy", "default"))
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: cannot express this model in imagefm: {err}") from None
+    return config, vision_type
+
+
+def load_llava(path: str | Path, *, strict: bool = True) -> VLM:
+    """Load an HF LLaVA directory (weights, tokenizer, chat template, image card)."""
+    directory = Path(path)
+    hf = _read_json(directory / CONFIG_FILE)
+    config, vision_type = config_from_llava(hf, str(directory / CONFIG_FILE))
+    model = VLM(config, llava_card(directory, config, vision_type))
+    weights = read_hf_weights(directory)
+    key_map = llava_key_map(config, vision_type, list(weights))
+    load_with_key_map(model, key_map, weights, strict=strict, where=str(directory))
+    model.tokenizer = load_lm_tokenizer(directory, config.lm)
+    model.chat_template = read_chat_template(directory)
+    return model.eval()
+
+
+def llava_card(directory: Path, config: VLMConfig, vision_type: str) -> Any:
+    path = directory / PREPROCESSOR_FILE
+    pre = _read_json(path) if path.is_file() else None
+    # card_from_hf reads the model type and the tower's size from a dual-encoder config.
+    kind = "siglip" if vision_type == "siglip_vision_model" else "clip"
+    return card_from_hf(pre, SimpleNamespace(model_type=kind, vision=config.vision), str(path))
+

@@ -1,0 +1,82 @@
+"""BERT text encoder (as Hugging Face ``BertModel``), pooled to one sentence vector.
+
+    tokens + positions + token types → LayerNorm → N post-LN layers → pool (mean or [CLS])
+    layer: x = norm1(x + attn(x));  x = norm2(x + mlp(x))     (attention over real tokens only)
+
+Names follow the rest of imagefm (q_proj/k_proj/v_proj/o_proj, fc1/fc2, ``layers.N``), so LoRA
+targets and ``stage.unlock_last_n`` work as for our own towers. No dropout: the pretrained
+sentence encoders are fine-tuned here on small data with frozen or slowly trained layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imagefm.config import BertConfig
+from imagefm.models.layers import MLP, Attention, make_attention_mask
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.attn = Attention(c.width, c.heads)
+        self.norm1 = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.mlp = MLP(c.width, c.mlp_dim, c.act)
+        self.norm2 = nn.LayerNorm(c.width, eps=c.norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class BertEncoder(nn.Module):
+    """``forward(input_ids, attention_mask) -> [B, width]``; ``forward_tokens`` gives all tokens."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.token_embed = nn.Embedding(c.vocab_size, c.width)
+        self.pos_embed = nn.Embedding(c.max_positions, c.width)
+        self.type_embed = nn.Embedding(c.type_vocab_size, c.width)
+        self.embed_norm = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.layers))
+        self.gradient_checkpointing = False
+        for module in self.modules():  # BERT's initialisation (used when not loading weights)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's output [B, L, width] (HF ``last_hidden_state``)."""
+        length = input_ids.shape[1]
+        if length > self.config.max_positions:
+            raise ValueError(f"text of {length} tokens is longer than the model's "
+                             f"{self.config.max_positions} positions; tokenize with truncation")
+        positions = torch.arange(length, device=input_ids.device)
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        x = self.token_embed(input_ids) + self.pos_embed(positions) + self.type_embed(types)
+        x = self.embed_norm(x)
+        mask = make_attention_mask(length, attention_mask, device=x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
+        return x
+
+    def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.pool == "first":
+            return tokens[:, 0]
+        if attention_mask is None:
+            return tokens.mean(dim=1)
+        # sentence-transformers: the mean over real tokens ([CLS] and [SEP] included).
+        weights = attention_mask.to(tokens.dtype).unsqueeze(-1)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled sentence features [B, width] (before the dual encoder's projection)."""
+        return self.pool(self.forward_tokens(input_ids, attention_mask), attention_mask)

@@ -1,0 +1,595 @@
+"""Weight-only quantised linear layers for fast CPU decoding: llama.cpp's Q4_0, Q4_1 and Q8_0
+blocks kept as stored and multiplied by a small C kernel, compiled on first use.
+
+    QuantizedLinear.from_gguf(raw, "Q4_1", shape)   a GGUF tensor's blocks, bit for bit
+    QuantizedLinear.from_float(weight, "q4_1")      llama.cpp's rounding of float weights (lossy)
+    quantize_decoder(model, "q4_1")                 every linear layer of a DecoderLM + its head
+    kernel_status()                                 whether the kernel is built, and if not why
+
+Why: one decoding step at batch 1 reads every weight once, so its speed is set by how many bytes
+the weights take. SmolLM2-135M reads 538 MB per token in float32, 112 MB like this (4-bit blocks
+for the layers, 8-bit for the output head).
+
+The blocks hold 32 consecutive weights of a row with one float16 scale ``d`` (and for Q4_1 a
+minimum ``m``): Q4_1 ``w = d*q + m`` with q in 0..15; Q4_0 ``w = d*(q - 8)``, stored here as
+Q4_1 with ``m = -8d`` (the same numbers: both products are exact in float32); Q8_0 ``w = d*q``
+with q in -128..127. The kernel computes ``y = sum over blocks of d*(x.q) + m*sum(x)`` in
+float32: the weights are exactly those of the dequantised float32 matrix, only the order of the
+float32 additions differs from ``x @ W.T`` (tests/test_quantized.py bounds the difference).
+
+The kernel is plain C (GCC/Clang vector extensions, OpenMP over output rows), built with the
+system compiler (``$CC``, default ``cc``) into ``~/.cache/imagefm/kernels`` (``$IMAGEFM_CACHE``
+moves it) and loaded with ctypes. Without a compiler, or off the CPU, or when a gradient is
+needed, a layer multiplies by its dequantised weight instead: the same numbers, no speed-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from imagefm.models.decoder import DecoderLM
+
+BLOCK = 32  # weights per block in every format handled here
+FORMATS = ("q4_0", "q4_1", "q8_0")  # what from_float produces
+GGUF_TYPES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF types kept as blocks
+# Above this many input rows (a prompt, not a decoding step) the layer dequantises its weight
+# once and lets the BLAS multiply: the kernel re-unpacks the blocks for every row.
+KERNEL_MAX_ROWS = 8
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+KERNEL_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+/* bytes -> int32 -> float: converting bytes straight to float is not vectorised by GCC 12 */
+#define TO_FLOAT(v) __builtin_convertvector(__builtin_convertvector((v), v16i), v16f)
+#define ROWS 4 /* output rows per tile: independent accumulators, one x load for four rows */
+
+static inline v16f load_f(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
+static inline v16b load_b(const uint8_t *p) { v16b v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(v16f v) { float s = 0; for (int j = 0; j < 16; j++) s += v[j]; return s; }
+
+/* One tile: y[r] = sum_g d[r,g] * (x_g . q[r,g]) + m[r,g] * sum(x_g) for `rows` rows.
+   int4 blocks: 16 bytes, the low nibbles are values 0..15, the high ones 16..31 (GGUF). */
+static inline __attribute__((always_inline)) void int4_tile(
+    const float *x, const uint8_t *q, const float *dm, float *y, int64_t G, int rows) {
+  v16f acc[ROWS] = {0};
+  for (int64_t g = 0; g < G; g++) {
+    v16f x0 = load_f(x + 32 * g), x1 = load_f(x + 32 * g + 16), xs = x0 + x1;
+    for (int r = 0; r < rows; r++) {
+      v16b b = load_b(q + (r * G + g) * 16);
+      const float *s = dm + 2 * (r * G + g);
+      acc[r] += s[0] * (x0 * TO_FLOAT(b & 15) + x1 * TO_FLOAT(b >> 4)) + s[1] * xs;
+    }
+  }
+  for (int r = 0; r < rows; r++) y[r] = hsum(acc[r]);
+}
+
+/* int8 blocks: 32 signed bytes; read as unsigned (q + 128) so the conversion vectorises. */
+static inline __attribute__((always_inline)) void int8_tile(
+    const float *x, const uint8_t *q, const float *d, float *y, int64_t G, int rows) {
+  v16f acc[ROWS] = {0};
+  for (int64_t g = 0; g < G; g++) {
+    v16f x0 = load_f(x + 32 * g), x1 = load_f(x + 32 * g + 16);
+    for (int r = 0; r < rows; r++) {
+      const uint8_t *b = q + (r * G + g) * 32;
+      v16f q0 = TO_FLOAT(load_b(b) ^ 0x80) - 128.0f, q1 = TO_FLOAT(load_b(b + 16) ^ 0x80) - 128.0f;
+      acc[r] += d[r * G + g] * (x0 * q0 + x1 * q1);
+    }
+  }
+  for (int r = 0; r < rows; r++) y[r] = hsum(acc[r]);
+}
+
+/* y[M, N] = x[M, K] @ W^T. int4: q [N, K/2] bytes, dm [N, K/32, 2] (d, m) float.
+   int8: q [N, K] int8, d [N, K/32] float. Rows of W are split over `threads` OpenMP threads. */
+void int4_matmul(const float *x, const uint8_t *q, const float *dm, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t G = K / 32, tiles = (N + ROWS - 1) / ROWS;
+  #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t n = t * ROWS;
+    const int rows = N - n < ROWS ? (int)(N - n) : ROWS;
+    const uint8_t *qt = q + n * G * 16;
+    const float *st = dm + n * G * 2;
+    for (int64_t i = 0; i < M; i++) {
+      if (rows == ROWS) int4_tile(x + i * K, qt, st, y + i * N + n, G, ROWS);
+      else int4_tile(x + i * K, qt, st, y + i * N + n, G, rows);
+    }
+  }
+}
+
+void int8_matmul(const float *x, const uint8_t *q, const float *d, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t G = K / 32, tiles = (N + ROWS - 1) / ROWS;
+  #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t n = t * ROWS;
+    const int rows = N - n < ROWS ? (int)(N - n) : ROWS;
+    const uint8_t *qt = q + n * G * 32;
+    const float *st = d + n * G;
+    for (int64_t i = 0; i < M; i++) {
+      if (rows == ROWS) int8_tile(x + i * K, qt, st, y + i * N + n, G, ROWS);
+      else int8_tile(x + i * K, qt, st, y + i * N + n, G, rows);
+    }
+  }
+}
+
+/* w[N, K] = the float weights (for prompts: dequantise once, then one BLAS matmul). */
+void int4_dequantize(const uint8_t *q, const float *dm, float *w, int64_t N, int64_t K,
+                     int threads) {
+  const int64_t blocks = N * (K / 32);
+  #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; b++) {
+    v16b bytes = load_b(q + 16 * b);
+    v16f lo = dm[2 * b] * TO_FLOAT(bytes & 15) + dm[2 * b + 1];
+    v16f hi = dm[2 * b] * TO_FLOAT(bytes >> 4) + dm[2 * b + 1];
+    memcpy(w + 32 * b, &lo, sizeof lo);
+    memcpy(w + 32 * b + 16, &hi, sizeof hi);
+  }
+}
+
+void int8_dequantize(const uint8_t *q, const float *d, float *w, int64_t N, int64_t K,
+                     int threads) {
+  const int64_t blocks = N * (K / 32);
+  #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; b++) {
+    v16f q0 = TO_FLOAT(load_b(q + 32 * b) ^ 0x80) - 128.0f;
+    v16f q1 = TO_FLOAT(load_b(q + 32 * b + 16) ^ 0x80) - 128.0f;
+    q0 *= d[b];
+    q1 *= d[b];
+    memcpy(w + 32 * b, &q0, sizeof q0);
+    memcpy(w + 32 * b + 16, &q1, sizeof q1);
+  }
+}
+"""
+
+# Flag sets tried in order; the first that compiles and loads wins. (Whether ``d*q + m`` is
+# contracted to one FMA does not matter: d*q is exact in float32.)
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-mcpu=native", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+_lock = threading.Lock()
+_kernel: ctypes.CDLL | None = None
+_kernel_error: str | None = None
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels live: ``$IMAGEFM_CACHE/kernels`` or ``~/.cache/imagefm/kernels``."""
+    root = os.environ.get("IMAGEFM_CACHE")
+    if root:
+        return Path(root) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imagefm" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """-march=native builds for this CPU: the cache key includes its flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+class _CompileError(Exception):
+    pass
+
+
+def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> None:
+    command = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(target)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise _CompileError(str(err)) from None
+    if done.returncode != 0:
+        raise _CompileError((done.stderr.strip() or "failed")[-500:])
+
+
+def _build_directory() -> Path:
+    """The kernel cache, or (read-only home, say) a temporary folder for this process."""
+    directory = kernel_cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="imagefm-kernels-"))
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("int4_matmul", "int8_matmul"):
+        getattr(library, name).argtypes = [p, p, p, p, i64, i64, i64, i32]
+        getattr(library, name).restype = None
+    for name in ("int4_dequantize", "int8_dequantize"):
+        getattr(library, name).argtypes = [p, p, p, i64, i64, i32]
+        getattr(library, name).restype = None
+    return library
+
+
+def _build() -> ctypes.CDLL:
+    from imagefm.checkpoint import atomic_write
+
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (install gcc or clang, or set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"cannot run {compiler!r}: {err}") from None
+    directory = _build_directory()
+    errors = []
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "quantized.c"
+        source.write_text(KERNEL_SOURCE)
+        for flags in _FLAG_SETS:
+            key = "\n".join([KERNEL_SOURCE, compiler, version, " ".join(flags), _cpu_signature()])
+            target = directory / f"quantized-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+            try:
+                if not target.is_file():  # written whole or not at all (parallel builds race)
+                    atomic_write(target, lambda tmp, f=flags: _compile(compiler, f, source, tmp))
+                return _bind(ctypes.CDLL(str(target)))
+            except (_CompileError, OSError) as err:
+                errors.append(f"{compiler} {' '.join(flags)}: {err}")
+    raise RuntimeError("could not build the quantised matmul kernel:\n" + "\n".join(errors))
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on the first call), or None where it cannot be."""
+    global _kernel, _kernel_error
+    if _kernel is None and _kernel_error is None:
+        with _lock:
+            if _kernel is None and _kernel_error is None:
+                try:
+                    _kernel = _build()
+                except RuntimeError as err:
+                    _kernel_error = str(err)
+    return _kernel
+
+
+def kernel_status() -> tuple[bool, str]:
+    """(available, detail): builds the kernel if needed and says why it is missing."""
+    library = kernel()
+    return (True, "built") if library is not None else (False, _kernel_error or "unknown")
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+def _round_half_away(values: torch.Tensor) -> torch.Tensor:
+    """C's roundf (llama.cpp's Q8_0 rounding); torch.round rounds half to even."""
+    return torch.sign(values) * torch.floor(values.abs() + 0.5)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Values [n, 32] in 0..15 -> bytes [n, 16]: value j in the low nibble, j + 16 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def quantize_blocks(weight: torch.Tensor, kind: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantise rows [N, K] as llama.cpp does (gguf.quants gives the same blocks).
+
+    Returns (values, d, m): int4 bytes [N, K/2] or int8 [N, K], and float16 scales d and
+    (Q4_1) minima m, [N, K/32] each.
+    """
+    rows, cols = weight.shape
+    blocks = weight.detach().float().cpu().reshape(-1, BLOCK)
+    if kind == "q4_1":
+        low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        d = (high - low) / 15
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.trunc((blocks - low) * inverse + 0.5).clamp(0, 15)
+        return (_pack_nibbles(q).reshape(rows, cols // 2), d.half().reshape(rows, -1),
+                low.half().reshape(rows, -1))
+    if kind == "q4_0":
+        peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+        d = peak / -8
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.trunc(blocks * inverse + 8.5).clamp(0, 15)
+        return _pack_nibbles(q).reshape(rows, cols // 2), d.half().reshape(rows, -1), None
+    if kind == "q8_0":
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _round_half_away(blocks * inverse).to(torch.int8)
+        return q.reshape(rows, cols), d.half().reshape(rows, -1), None
+    raise ValueError(f"unknown quantisation {kind!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _gguf_parts(raw: np.ndarray, type_name: str, shape: Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A GGUF Q4_0/Q4_1/Q8_0 tensor's bytes -> (values, d, m) as :func:`quantize_blocks`."""
+    rows, cols = (int(s) for s in shape)
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[type_name]
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if cols % BLOCK or data.size != rows * cols // BLOCK * size:
+        raise ValueError(f"{type_name} data of {data.size} bytes does not hold {tuple(shape)}")
+    blocks = torch.from_numpy(data.copy()).reshape(rows, cols // BLOCK, size)
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
+    if type_name == "Q4_1":
+        m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        return blocks[..., 4:].reshape(rows, cols // 2), d, m
+    if type_name == "Q4_0":
+        return blocks[..., 2:].reshape(rows, cols // 2), d, None
+    return blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols), d, None
+
+
+# --- the layer ------------------------------------------------------------------------------------
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with weights in blocks of 32: 4-bit (``bits=4``: ``w = d*q + m``) or 8-bit
+    (``bits=8``: ``w = d*q``). For inference: the blocks are buffers, not parameters.
+
+    ``qweight``: uint8 [out, in/2] (4-bit, GGUF nibble order) or int8 [out, in] (8-bit);
+    ``scales``: float32 [out, in/32, 2] (d, m) or [out, in/32] (d), the float16 values of the
+    file widened exactly. ``bias`` (optional) follows the model's dtype.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        out_features = qweight.shape[0]
+        in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        expected = (out_features, in_features // BLOCK) + ((2,) if bits == 4 else ())
+        if bits not in (4, 8) or in_features % BLOCK or tuple(scales.shape) != expected:
+            raise ValueError(f"{bits}-bit blocks {tuple(qweight.shape)} with scales "
+                             f"{tuple(scales.shape)} do not describe a matrix (expected scales "
+                             f"{expected}, input width a multiple of {BLOCK})")
+        self.bits, self.in_features, self.out_features = bits, in_features, out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("bias", bias)
+
+    # -- construction
+
+    @classmethod
+    def from_parts(cls, values: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                   bits: int, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """From block values and float16 scales; 4-bit without minima is Q4_0 (m = -8d)."""
+        d = d.float()
+        if bits == 4:
+            m = -8 * d if m is None else m.float()
+            scales = torch.stack([d, m], dim=-1)
+        else:
+            scales = d
+        return cls(values.contiguous(), scales.contiguous(), bits, bias)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, kind: str = "q4_1",
+                   bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """Quantise a float weight [out, in] (in a multiple of 32) as llama.cpp would."""
+        if weight.dim() != 2 or weight.shape[1] % BLOCK:
+            raise ValueError(f"cannot quantise a weight of shape {tuple(weight.shape)} in "
+                             f"blocks of {BLOCK} (the input width must be a multiple of {BLOCK})")
+        values, d, m = quantize_blocks(weight, kind)
+        return cls.from_parts(values, d, m, 8 if kind == "q8_0" else 4, bias)
+
+    @classmethod
+    def from_gguf(cls, raw: np.ndarray, type_name: str, shape: Sequence[int],
+                  bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """A GGUF tensor (``Q4_0``, ``Q4_1`` or ``Q8_0``, our [out, in] shape) as stored."""
+        if type_name not in GGUF_TYPES:
+            raise ValueError(f"GGUF type {type_name} is not kept quantised (only "
+                             f"{', '.join(GGUF_TYPES)})")
+        values, d, m = _gguf_parts(raw, type_name, shape)
+        return cls.from_parts(values, d, m, 8 if type_name == "Q8_0" else 4, bias)
+
+    @classmethod
+    def concat(cls, layers: Sequence[QuantizedLinear]) -> QuantizedLinear:
+        """One layer computing ``cat([layer(x) for layer in layers], -1)`` (q/k/v, gate/up).
+
+        Layers that are consecutive row slices of one tensor (as :func:`quantize_decoder` makes
+        them) are joined without a copy."""
+        first = layers[0]
+        if any(layer.bits != first.bits or layer.in_features != first.in_features
+               for layer in layers):
+            raise ValueError("only layers of one format and input width can be joined")
+        biased = [layer.bias is not None for layer in layers]
+        bias = None
+        if any(biased):
+            bias = torch.cat([layer.bias if layer.bias is not None
+                              else first.scales.new_zeros(layer.out_features)
+                              for layer in layers])
+        return cls(_join([layer.qweight for layer in layers]),
+                   _join([layer.scales for layer in layers]), first.bits, bias)
+
+    def split(self, sizes: Sequence[int]) -> list[QuantizedLinear]:
+        """Layers for consecutive groups of output rows, sharing this layer's memory."""
+        values = self.qweight.split(list(sizes))
+        scales = self.scales.split(list(sizes))
+        biases = self.bias.split(list(sizes)) if self.bias is not None else [None] * len(sizes)
+        return [QuantizedLinear(v, s, self.bits, b)
+                for v, s, b in zip(values, scales, biases, strict=True)]
+
+    # -- use
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised float32 weight [out, in] (a new tensor each time)."""
+        return self.dequantize()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weights [out, in]: ``d*q + m`` (4-bit) or ``d*q`` (8-bit) in float32."""
+        library = kernel() if self.qweight.device.type == "cpu" else None
+        if library is not None:
+            out = torch.empty(self.out_features, self.in_features)
+            fn = library.int4_dequantize if self.bits == 4 else library.int8_dequantize
+            fn(self.qweight.data_ptr(), self.scales.data_ptr(), out.data_ptr(),
+               self.out_features, self.in_features, torch.get_num_threads())
+            return out.to(dtype)
+        rows, groups = self.out_features, self.in_features // BLOCK
+        if self.bits == 4:
+            packed = self.qweight.view(rows, groups, 16)
+            q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+            w = q * self.scales[..., :1] + self.scales[..., 1:]
+        else:
+            w = self.qweight.view(rows, groups, BLOCK).float() * self.scales[..., None]
+        return w.reshape(rows, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decoding step calls this ~120 times for a 30-layer model: the fast path is kept to
+        # a few cheap calls (buffers read once from _buffers, no copies for float32 input).
+        buffers = self._buffers
+        qweight, scales, bias = buffers["qweight"], buffers["scales"], buffers["bias"]
+        library = _kernel if _kernel is not None else kernel()
+        rows = x.numel() // self.in_features
+        if (library is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu"
+                or (x.requires_grad and torch.is_grad_enabled())):
+            # prompts, gradients, other devices: the same weights through F.linear
+            y = F.linear(x, self.dequantize(x.dtype))
+        else:
+            flat = x if x.dtype == torch.float32 and x.is_contiguous() else \
+                x.float().contiguous()
+            y = torch.empty(x.shape[:-1] + (self.out_features,))
+            matmul = library.int4_matmul if self.bits == 4 else library.int8_matmul
+            matmul(flat.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                   rows, self.out_features, self.in_features, torch.get_num_threads())
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # ``model.to(bfloat16)`` / ``.half()`` would round the float32 scales (the exact float16
+        # values of the file, widened): they move between devices but keep their dtype.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a multiplication reads: blocks and scales (and bias)."""
+        tensors = [self.qweight, self.scales] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, bias={self.bias is not None}")
+
+
+def _join(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0; a view when the tensors already lie back to back."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    consecutive = all(t.is_contiguous() for t in tensors)
+    for t in tensors:
+        consecutive = consecutive and (t.untyped_storage().data_ptr() == storage
+                                       and t.storage_offset() == offset)
+        offset += t.numel()
+    if not consecutive:
+        return torch.cat(list(tensors))
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return first.as_strided(shape, first.stride())
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+LINEAR_NAMES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                "mlp": ("gate_proj", "up_proj", "down_proj")}
+FUSED = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+def replace_linears(model: DecoderLM, layers: dict[str, QuantizedLinear],
+                    head: QuantizedLinear | None = None) -> DecoderLM:
+    """Put quantised layers in place of ``model``'s linears (names as in ``named_modules``,
+    e.g. ``blocks.0.attn.q_proj``), and ``head`` as the output projection (of a tied model:
+    the embedding matrix stays for the input lookup). Layers that one matmul reads together
+    (q/k/v, gate/up) are laid out back to back so they run as one kernel call."""
+    for name, layer in layers.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attr)
+        if not isinstance(current, nn.Linear) and not isinstance(current, QuantizedLinear):
+            raise ValueError(f"{name} is a {type(current).__name__}, not a linear layer")
+        if (layer.out_features, layer.in_features) != (current.out_features,
+                                                       current.in_features):
+            raise ValueError(f"{name}: quantised layer is {layer.out_features}x"
+                             f"{layer.in_features}, the model's {current.out_features}x"
+                             f"{current.in_features}")
+        setattr(owner, attr, layer)
+    for block in model.blocks:
+        for part, names in FUSED.items():
+            owner = getattr(block, part)
+            group = [getattr(owner, n) for n in names]
+            if all(isinstance(m, QuantizedLinear) for m in group) and \
+                    len({(m.bits, m.in_features) for m in group}) == 1:
+                joined = QuantizedLinear.concat(group)  # one copy, then views of it
+                for n, view in zip(names, joined.split([m.out_features for m in group]),
+                                   strict=True):
+                    setattr(owner, n, view)
+    if head is not None:
+        if model.lm_head is not None:
+            model.lm_head = head
+        else:
+            expected = tuple(model.embed_tokens.weight.shape)
+            if (head.out_features, head.in_features) != expected:
+                raise ValueError(f"output head {head.out_features}x{head.in_features} does not "
+                                 f"match the embedding {expected}")
+            model.quantized_head = head
+    return model
+
+
+def quantize_decoder(model: DecoderLM, kind: str = "q4_1", head: str | None = "q8_0"
+                     ) -> DecoderLM:
+    """Quantise every linear layer of ``model`` in place (``kind``: q4_0, q4_1 or q8_0, rounded
+    as llama.cpp does) and the output projection as ``head`` (None keeps it float).
+
+    Lossy for float weights; a GGUF file's own blocks load exactly with
+    ``load_gguf(path, keep_quantized=True)``. Warns and leaves the model as it is where the
+    kernel cannot be built (quantised layers would then be no faster).
+    """
+    for name in (kind, head):
+        if name is not None and name not in FORMATS:
+            raise ValueError(f"unknown quantisation {name!r}; choose one of {', '.join(FORMATS)}")
+    available, why = kernel_status()
+    if not available:
+        warnings.warn(f"quantised matmul kernel unavailable, keeping float weights: {why}",
+                      stacklevel=2)
+        return model
+    layers = {}
+    for index, block in enumerate(model.blocks):
+        for part, names in LINEAR_NAMES.items():
+            for n in names:
+                linear = getattr(getattr(block, part), n)
+                if isinstance(linear, nn.Linear):
+                    layers[f"blocks.{index}.{part}.{n}"] = QuantizedLinear.from_float(
+                        linear.weight, kind, linear.bias.detach() if linear.bias is not None
+                        else None)
+    output = None
+    if head is not None:
+        output = QuantizedLinear.from_float(model.output_weight, head)
+    return replace_linears(model, layers, output)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())

@@ -1,0 +1,255 @@
+"""A LLaVA-style vision-language model: vision tower → projector → decoder LM.
+
+    pixels ─► VisionTransformer.hidden_states(feature layer) ─► (drop CLS) ─► Projector ─┐
+    input_ids ─► embed_tokens ─► [image placeholder rows replaced by image tokens] ◄──────┘
+                                 ─► DecoderLM ─► logits
+
+Image tokens by contract: the processor (:mod:`imagefm.vlm_processor`) expands each ``<image>``
+into exactly ``config.image_tokens`` copies of ``image_token_id``; the model fills those rows
+with the projected image features, in order, and refuses a count that does not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imagefm.config import CLIP_MEAN_STD, ConfigError, ImageCard, VisionConfig, from_dict
+from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
+from imagefm.models.decoder_config import DecoderConfig
+from imagefm.models.projector import PROJECTORS, Projector
+from imagefm.models.vit import VisionTransformer
+
+FEATURE_SELECTS = ("default", "full")  # default: patch tokens only (drop CLS); full: all tokens
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """Everything that shapes a VLM; saved with every checkpoint.
+
+    ``vision_feature_layer`` indexes the vision tower's hidden states as Hugging Face does:
+    0 is the embedding output, k the output of block k, -1 the last block, -2 (LLaVA-1.5) the
+    one before. No post-norm is applied to these features.
+    """
+
+    vision: VisionConfig
+    lm: DecoderConfig
+    image_token_id: int
+    image_token: str = "<image>"
+    projector: str = "mlp2x_gelu"  # mlp2x_gelu | pixel_shuffle
+    pixel_shuffle: int = 1  # pixel_shuffle projector: merge factor² patches into one token
+    projector_bias: bool = True
+    vision_feature_layer: int = -1
+    vision_feature_select: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"vlm.projector = {self.projector!r} is not one of "
+                              f"{', '.join(PROJECTORS)}")
+        if self.vision_feature_select not in FEATURE_SELECTS:
+            raise ConfigError(f"vlm.vision_feature_select = {self.vision_feature_select!r} is "
+                              f"not one of {', '.join(FEATURE_SELECTS)}")
+        if self.pixel_shuffle < 1 or (self.projector == "mlp2x_gelu" and self.pixel_shuffle != 1):
+            raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle}: use 1 with the "
+                              f"mlp2x_gelu projector, or a factor >= 1 with pixel_shuffle")
+        layers = self.vision.layers
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            raise ConfigError(f"vlm.vision_feature_layer = {self.vision_feature_layer} is outside "
+                              f"the tower's {layers + 1} hidden states")
+        if not 0 <= self.image_token_id < self.lm.vocab_size:
+            raise ConfigError(f"vlm.image_token_id = {self.image_token_id} is not a token of the "
+                              f"LM's vocabulary of {self.lm.vocab_size}")
+        grid = self.vision.grid_size
+        if self.pixel_shuffle > 1 and (grid % self.pixel_shuffle or self.keeps_class_token):
+            raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle} needs a patch grid "
+                              f"divisible by it ({grid}x{grid} here) and patch tokens only "
+                              f"(vision_feature_select = 'default')")
+
+    @property
+    def keeps_class_token(self) -> bool:
+        return self.vision.class_token and self.vision_feature_select == "full"
+
+    @property
+    def feature_blocks(self) -> int:
+        """How many vision blocks run to reach ``vision_feature_layer``."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision.layers + 1 + layer
+
+    @property
+    def image_tokens(self) -> int:
+        """LM positions one image occupies."""
+        return (self.vision.grid_size // self.pixel_shuffle) ** 2 + int(self.keeps_class_token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        data = dict(data)
+        vision = from_dict(VisionConfig, data.pop("vision"), "vision")
+        lm = DecoderConfig.from_dict(data.pop("lm"))
+        return from_dict(cls, {**data, "vision": vision, "lm": lm}, "vlm")
+
+    def replace(self, **changes: Any) -> VLMConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def vlm_card(vision: VisionConfig) -> ImageCard:
+    """CLIP preprocessing at the tower's resolution (what a LLaVA-style tower expects)."""
+    mean, std = CLIP_MEAN_STD
+    return ImageCard(vision.image_size, "shortest", "bicubic", mean, std)
+
+
+class VLM(nn.Module):
+    """``vlm(input_ids, pixel_values, attention_mask, labels).logits`` / ``vlm.generate(...)``.
+
+    The tokenizer and chat template live on the inner LM (``vlm.tokenizer`` reads them there),
+    so every LM utility (chat templates, stop tokens, streaming) works on ``vlm.lm``.
+    """
+
+    def __init__(self, config: VLMConfig, card: ImageCard | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.card = card or vlm_card(config.vision)
+        self.vision = VisionTransformer(config.vision)
+        self.projector = Projector(config.projector, config.vision.width, config.lm.width,
+                                   factor=config.pixel_shuffle, bias=config.projector_bias)
+        self.lm = DecoderLM(config.lm)
+
+    @classmethod
+    def from_parts(cls, vision: VisionTransformer, lm: DecoderLM, card: ImageCard, *,
+                   image_token_id: int, **options: Any) -> VLM:
+        """A VLM around an existing (e.g. pretrained) vision tower and LM; a new projector."""
+        config = VLMConfig(vision=vision.config, lm=lm.config, image_token_id=image_token_id,
+                           **options)
+        model = cls.__new__(cls)  # not __init__: it would build (and initialise) new towers
+        nn.Module.__init__(model)
+        model.config, model.card = config, card
+        model.vision = vision
+        model.projector = Projector(config.projector, config.vision.width, config.lm.width,
+                                    factor=config.pixel_shuffle, bias=config.projector_bias)
+        model.lm = lm
+        return model
+
+    # --- what travels with the checkpoint --------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.lm.tokenizer = tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.lm.chat_template
+
+    @chat_template.setter
+    def chat_template(self, source: str | None) -> None:
+        self.lm.chat_template = source
+
+    # --- the forward pass ------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens [images, image_tokens, lm_width]."""
+        tokens = self.vision.hidden_states(pixel_values, self.config.feature_blocks)
+        if self.config.vision.class_token and not self.config.keeps_class_token:
+            tokens = tokens[:, 1:]
+        return self.projector(tokens)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's placeholder rows replaced by its features."""
+        embeds = self.lm.embed_tokens(input_ids)
+        slots = input_ids == self.config.image_token_id
+        found = int(slots.sum())
+        if pixel_values is None and image_features is None:
+            if found:
+                raise ValueError(f"input_ids hold {found} image placeholder tokens but no "
+                                 f"pixel_values were given")
+            return embeds
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        expected = image_features.shape[0] * image_features.shape[1]
+        if found != expected:
+            raise ValueError(
+                f"input_ids hold {found} image placeholder tokens but {image_features.shape[0]} "
+                f"image(s) need {expected} ({self.config.image_tokens} each): build the inputs "
+                f"with the model's processor, which expands each {self.config.image_token!r} "
+                f"into exactly that many")
+        features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(slots[..., None], features)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **lm_options: Any) -> DecoderOutput:
+        """Logits [B, L, vocab] (and the next-token loss when ``labels`` are given)."""
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                       **lm_options)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Continue the prompts; [B, L + new] ids, prompt included (see DecoderLM.generate)."""
+        from imagefm.models.generation import generate
+
+        embeds = self.embed(input_ids, pixel_values)
+        return generate(self.lm, input_ids, attention_mask, inputs_embeds=embeds,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+
+    # --- conveniences ---------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache:
+        return self.lm.new_cache(batch, capacity, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.lm.embed_tokens
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.vision.transformer.gradient_checkpointing = enabled
+        self.lm.gradient_checkpointing = enabled
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write an imagefm checkpoint (weights, config, card, tokenizer, chat template)."""
+        from imagefm.checkpoint import save_model
+
+        return save_model(self, directory)
+
+
+def compose_vlm(vision: nn.Module, lm: DecoderLM, *, card: ImageCard | None = None,
+                image_token: str = "<image>", **options: Any) -> VLM:
+    """A new VLM from a pretrained vision tower and LM, with a freshly initialised projector.
+
+    ``vision`` is a dual encoder (its image tower is used, with its preprocessing card) or a
+    bare :class:`VisionTransformer`. ``image_token`` is added to the LM's tokenizer as one whole
+    token (growing its embedding by a row) when it is not one already. ``options`` are
+    :class:`VLMConfig` fields: ``projector``, ``pixel_shuffle``, ``vision_feature_layer``...
+    """
+    from imagefm.models.vocab import extend_vocabulary
+
+    tower = getattr(vision, "vision", vision)
+    if not isinstance(tower, VisionTransformer):
+        raise ConfigError(f"the vision model must be a ViT (or a dual encoder with one), got "
+                          f"{type(tower).__name__}")
+    if lm.tokenizer is None:
+        raise ConfigError("the language model has no tokenizer; load it from a checkpoint with one")
+    card = card or getattr(vision, "card", None) or vlm_card(tower.config)
+    extend_vocabulary(lm, [image_token])
+    image_token_id = lm.tokenizer.token_to_id(image_token)
+    if image_token_id is None:
+        raise ConfigError(f"{image_token!r} could not be made a token of the LM's vocabulary")
+    return VLM.from_parts(tower, lm, card, image_token_id=image_token_id, image_token=image_token,
+                          **options)

@@ -1,0 +1,376 @@
+"""``POST /v1/chat/completions`` for a served VLM or language model (OpenAI's chat API).
+
+    request ─► messages checked (text, image_url data URLs) ─► images decoded and the prompt
+    tokenised on the decode pool ─► one generation at a time on the generation thread
+    ─► a ``chat.completion``, or ``text/event-stream`` ``chat.completion.chunk`` events
+       ending in ``data: [DONE]``
+
+Generation never runs on the event loop, so health checks and new requests are answered while a
+reply is being written. The server fetches nothing: an ``image_url`` must be a ``data:`` URL;
+a message's images are placed before its text (``<image>\nquestion``, the training format).
+A client that goes away mid-stream stops its generation at the next token. Errors use the app's
+JSON format: 400 bad input, 404 unknown model, 413 over a limit, 422 malformed request, 503 too
+many chat requests waiting, 504 waited longer than ``timeout_s`` for its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from imagefm.apps.vlm_chat import (
+    GenerationOptions,
+    Prompt,
+    PromptTooLong,
+    Reply,
+    build_prompt,
+    chat_processor,
+    context_length,
+    language_model,
+)
+from imagefm.serve import schemas
+from imagefm.serve.app import ApiError, key_dependency, model_checker, new_app
+from imagefm.serve.batching import QueueFullError
+from imagefm.serve.engine import BadInput, decode_base64_image
+from imagefm.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+_STARTED, _END = object(), object()
+
+
+class Generation:
+    """One reply generated on the worker thread, read on the event loop as an async iterator of
+    text pieces; ``reply`` holds the counts once it is done."""
+
+    def __init__(self, reply: Reply, loop: asyncio.AbstractEventLoop) -> None:
+        self.reply = reply
+        self.cancel = threading.Event()
+        reply.cancel = self.cancel
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def run(self) -> None:
+        """The worker thread's part."""
+        if self.cancel.is_set():  # the request gave up while waiting for its turn
+            return
+        self._put(_STARTED)
+        try:
+            for piece in self.reply:
+                self._put(piece)
+        except Exception as err:  # reported to the request, which logs it
+            self._put(err)
+        self._put(_END)
+
+    async def started(self, timeout: float) -> None:
+        """Wait until the worker takes this generation up (TimeoutError after ``timeout``)."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            self.cancel.set()
+            raise TimeoutError(f"no turn on the generation thread within {timeout:g} s"
+                               ) from None
+        if item is not _STARTED:  # pragma: no cover - run() always starts with it
+            raise RuntimeError("generation did not start")
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.cancel.set()  # a client gone mid-stream stops the worker at the next token
+
+
+class ChatEngine:
+    """The model behind the chat route: prompts built on a small pool, generation on one thread,
+    at most ``max_chat_queue`` requests admitted at a time."""
+
+    def __init__(self, model: Any, processor: Any, settings: ServeSettings) -> None:
+        self.model = model.eval()
+        self.processor = processor or chat_processor(model)
+        self.settings = settings
+        self.takes_images = self.processor is not None
+        self.context_length = context_length(model)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="imagefm-generate")
+        self.prompt_pool = ThreadPoolExecutor(settings.decode_threads,
+                                              thread_name_prefix="imagefm-prompt")
+        self._lock = threading.Lock()
+        self.active = 0  # admitted: generating or waiting for the worker
+        self.requests = 0
+        self.completion_tokens = 0
+
+    async def stop(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.prompt_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def model_type(self) -> str:
+        return "vlm" if self.takes_images else language_model(self.model).config.model_type
+
+    async def prompt(self, messages: list[dict[str, Any]], blobs: list[tuple[bytes, str]]
+                     ) -> Prompt:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.prompt_pool, self._build, messages, blobs)
+
+    def _build(self, messages: list[dict[str, Any]], blobs: list[tuple[bytes, str]]) -> Prompt:
+        from imagefm.data.image import ImageDecodeError, open_image
+
+        images = []
+        for blob, where in blobs:
+            try:
+                images.append(open_image(blob, name=where,
+                                         max_pixels=self.settings.max_image_pixels))
+            except ImageDecodeError as err:
+                status = 413 if "decompression bomb" in err.reason else 400
+                raise BadInput(f"{where}: cannot decode the image: {err.reason}", status
+                               ) from None
+        try:
+            return build_prompt(self.model, messages, images, self.processor)
+        except PromptTooLong as err:
+            raise BadInput(f"{err}", 400) from None
+        except ValueError as err:  # the template refused the conversation...
+            raise BadInput(f"messages: {err}") from None
+
+    async def generate(self, prompt: Prompt, options: GenerationOptions) -> Generation:
+        """Admit the request (503 when too many wait), queue it on the worker and wait for its
+        turn (504 after ``timeout_s``)."""
+        with self._lock:
+            if self.active >= self.settings.max_chat_queue:
+                raise QueueFullError(f"{self.active} chat requests are generating or waiting")
+            self.active += 1
+            self.requests += 1
+        generation = Generation(Reply(self.model, prompt, options), asyncio.get_running_loop())
+
+        def job() -> None:
+            try:
+                generation.run()
+            finally:
+                with self._lock:
+                    self.active -= 1
+                    self.completion_tokens += generation.reply.completion_tokens
+
+        try:
+            self.worker.submit(job)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self.active -= 1
+            raise
+        await generation.started(self.settings.timeout_s)
+        return generation
+
+    def health(self) -> dict[str, Any]:
+        return {"active": self.active, "max_queue": self.settings.max_chat_queue,
+                "requests": self.requests, "completion_tokens": self.completion_tokens}
+
+
+def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: str) -> FastAPI:
+    """The app serving a VLM or language model: chat completions, models, health."""
+    engine = ChatEngine(model, processor, settings)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = new_app(settings, lifespan)
+    app.state.engine = engine
+    check_model = model_checker(name)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
+
+    @v1.post("/chat/completions", response_model=None)
+    async def chat_completions(body: schemas.ChatCompletionRequest
+                               ) -> JSONResponse | StreamingResponse:
+        check_model(body.model)
+        requested = _check_options(body, settings)
+        messages, blobs = _read_messages(body.messages, engine)
+        prompt = await engine.prompt(messages, blobs)
+        room = engine.context_length - prompt.tokens
+        if requested is not None and requested > room:
+            raise ApiError(400, f"the prompt is {prompt.tokens} tokens and max_tokens is "
+                                f"{requested}: together more than the model's context of "
+                                f"{engine.context_length}; ask for fewer tokens or send less")
+        options = GenerationOptions(
+            max_new_tokens=min(requested or settings.max_new_tokens, room),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p or 1.0, top_k=body.top_k or 0,
+            repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed,
+            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()))
+        generation = await engine.generate(prompt, options)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _events(generation, completion_id, name, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text = "".join([piece async for piece in generation])
+        reply = generation.reply
+        completion = schemas.ChatCompletion(
+            id=completion_id, created=int(time.time()), model=name,
+            choices=[schemas.ChatChoice(message=schemas.AssistantMessage(content=text),
+                                        finish_reason=reply.finish_reason)],
+            usage=_usage(reply))
+        return JSONResponse(completion.model_dump())
+
+    @v1.get("/models", response_model=schemas.ModelList, response_model_exclude_none=True)
+    async def models() -> schemas.ModelList:
+        image_size = engine.processor.card.image_size if engine.takes_images else None
+        return schemas.ModelList(data=[schemas.ModelCard(
+            id=name, created=created, model_type=engine.model_type, image_size=image_size,
+            context_length=engine.context_length)])
+
+    app.include_router(v1)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": name, "auth": bool(settings.api_key),
+                "generation": engine.health()}
+
+    return app
+
+
+def _check_options(body: schemas.ChatCompletionRequest, settings: ServeSettings) -> int | None:
+    """Refuse what this server does not do (rather than ignore it); the requested token count."""
+    if body.n not in (None, 1):
+        raise ApiError(400, f"n={body.n}: this server writes one choice per request")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported")
+    if body.tools:
+        raise ApiError(400, "tools (function calling) are not supported")
+    for field in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, field):
+            raise ApiError(400, f"{field} is not supported; repetition_penalty is (send it in "
+                                f"the body, e.g. the openai client's extra_body)")
+    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    requested = body.max_completion_tokens or body.max_tokens
+    if requested is not None and requested > settings.max_new_tokens:
+        raise ApiError(400, f"max_tokens={requested} is more than this server's limit of "
+                            f"{settings.max_new_tokens}")
+    return requested
+
+
+def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
+                   ) -> tuple[list[dict[str, Any]], list[tuple[bytes, str]]]:
+    """Messages for the chat template (text with the image placeholder where each image was)
+    and the image bytes, in order, each checked."""
+    placeholder = engine.processor.image_token if engine.takes_images else None
+    out: list[dict[str, Any]] = []
+    blobs: list[tuple[bytes, str]] = []
+    chars = 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = "system" if message.role == "developer" else message.role
+        content = message.content
+        if content is None:
+            if role != "assistant":
+                raise ApiError(400, f"{where}: content is missing")
+            content = ""
+        parts = [schemas.ContentPart(type="text", text=content)] if isinstance(content, str) \
+            else content
+        texts, images = [], []
+        for j, part in enumerate(parts):
+            at = f"{where}.content[{j}]" if isinstance(content, list) else f"{where}.content"
+            if part.type == "text":
+                text = unicodedata.normalize("NFC", part.text or "")
+                if placeholder and placeholder in text:
+                    raise ApiError(400, f"{at}: the text contains {placeholder!r}, which stands "
+                                        f"for an image here; send images as image_url parts")
+                chars += len(text)
+                texts.append(text)
+            elif part.type == "image_url":
+                blobs.append((_image_bytes(part, at, role, engine), at))
+                images.append(f"{placeholder}\n")
+            else:
+                raise ApiError(400, f"{at}: content parts of type {part.type!r} are not "
+                                    f"supported (text and image_url are)")
+        # A message's images go before its text, as the model saw them in training
+        # ("<image>\nquestion") and as LLaVA's own chat templates place them.
+        out.append({"role": role, "content": "".join(images + texts)})
+    if chars > engine.settings.max_prompt_chars:
+        raise ApiError(413, f"the messages hold {chars} characters, more than the limit of "
+                            f"{engine.settings.max_prompt_chars}", "request_too_large")
+    if len(blobs) > engine.settings.max_chat_images:
+        raise ApiError(413, f"{len(blobs)} images is more than the limit of "
+                            f"{engine.settings.max_chat_images} per request", "request_too_large")
+    return out, blobs
+
+
+def _image_bytes(part: schemas.ContentPart, where: str, role: str, engine: ChatEngine) -> bytes:
+    if not engine.takes_images:
+        raise ApiError(400, f"{where}: this model is a language model without a vision tower; "
+                            f"it takes no images")
+    if role != "user":
+        raise ApiError(400, f"{where}: images belong in user messages")
+    image_url = part.image_url
+    url = image_url.url if isinstance(image_url, schemas.ImageUrl) else image_url
+    if not url:
+        raise ApiError(400, f"{where}: image_url.url is missing")
+    if url[:5].lower() != "data:":
+        scheme = url.split(":", 1)[0][:10] if ":" in url else "a plain string"
+        raise ApiError(400, f"{where}: only data URLs are accepted (data:image/png;base64,...); "
+                            f"this server fetches no URLs ({scheme!r} given)")
+    return decode_base64_image(url, f"{where}.image_url")
+
+
+def _usage(reply: Reply) -> schemas.CompletionUsage:
+    return schemas.CompletionUsage(prompt_tokens=reply.prompt_tokens,
+                                   completion_tokens=reply.completion_tokens,
+                                   total_tokens=reply.prompt_tokens + reply.completion_tokens)
+
+
+async def _events(generation: Generation, completion_id: str, model: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: the role, the text pieces, the finish reason,
+    (the usage,) then ``[DONE]``."""
+    created = int(time.time())
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                 "model": model, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def choice(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    yield event([choice({"role": "assistant", "content": ""})])
+    try:
+        async for piece in generation:
+            yield event([choice({"content": piece})])
+    except Exception:  # the status line is sent: report in the stream, as OpenAI does
+        logger.exception("generation failed mid-stream")
+        error = {"message": "internal server error", "type": "server_error", "code": 500}
+        yield f"data: {json.dumps({'error': error})}\n\n"
+        return
+    reply = generation.reply
+    yield event([choice({}, reply.finish_reason)])
+    if include_usage:
+        yield event([], _usage(reply).model_dump())
+    yield "data: [DONE]\n\n"

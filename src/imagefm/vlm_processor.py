@@ -1,0 +1,232 @@
+"""The VLM processor: conversations + images → ``input_ids``, ``labels``, ``pixel_values``.
+
+Two rules from the design notes live here:
+
+- **Image tokens by contract.** Each ``<image>`` in the text becomes exactly ``image_tokens``
+  copies of the image placeholder id; the model fills them and checks the count.
+- **Labels while building.** A conversation is rendered turn by turn with the model's chat
+  template: the text an assistant turn adds (its words and the end-of-turn marker) gets labels,
+  everything else (system, user turns, image tokens, the template's own markup) gets
+  ``IGNORE_INDEX``. Nothing is reconstructed afterwards by searching the token ids.
+
+    proc = VLMProcessor.for_model(vlm)
+    batch = proc.prompt([[{"role": "user", "content": "<image>\\nWhat colour is it?"}]], [img])
+    out = vlm.generate(**batch, max_new_tokens=16)
+    example = proc.training_example(messages, image)      # input_ids + labels (lists)
+    batch = proc.collate([example, ...])                  # right-padded tensors for training
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagefm.chat import ChatTemplate, content_text, normalize_messages
+from imagefm.config import ImageCard
+from imagefm.models.decoder import IGNORE_INDEX
+
+Messages = Sequence[dict[str, Any]]
+
+
+class ConversationTooLong(ValueError):
+    """A training conversation does not fit the model's context (skip it and count it)."""
+
+
+@dataclass
+class Example:
+    """One tokenised training conversation (lists, not yet padded)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: int  # how many images it holds
+
+
+class VLMProcessor:
+    """Tokenizer + chat template + image processor for one VLM (see the module docstring)."""
+
+    def __init__(self, card: ImageCard, tokenizer: Any, template: ChatTemplate, *,
+                 image_token: str, image_token_id: int, image_tokens: int,
+                 context_length: int, pad_id: int = 0) -> None:
+        from imagefm.data.image import ImageProcessor
+
+        if tokenizer is None:
+            raise ValueError("a VLM processor needs the model's tokenizer")
+        if tokenizer.token_to_id(image_token) != image_token_id:
+            raise ValueError(f"the tokenizer maps {image_token!r} to "
+                             f"{tokenizer.token_to_id(image_token)}, the model expects "
+                             f"{image_token_id}: add it with tokenizer.add_tokens first")
+        self.card = card
+        self.image_processor = ImageProcessor(card)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_token, self.image_token_id = image_token, image_token_id
+        self.image_tokens = image_tokens
+        self.context_length = context_length
+        self.pad_id = pad_id
+
+    @classmethod
+    def for_model(cls, model: Any) -> VLMProcessor:
+        return cls.from_parts(model.config, model.card, model.tokenizer, model.chat_template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VLMProcessor:
+        """The processor of an imagefm VLM or HF LLaVA directory, without loading weights."""
+        from imagefm.checkpoint import CHAT_TEMPLATE_FILE, detect_format, read_meta
+
+        path = Path(path)
+        if detect_format(path) == "hf_llava":
+            from imagefm.convert.hf import _read_json
+            from imagefm.convert.llama import load_lm_tokenizer, read_chat_template
+            from imagefm.convert.llava import config_from_llava, llava_card
+
+            config, vision_type = config_from_llava(_read_json(path / "config.json"))
+            card = llava_card(path, config, vision_type)
+            tokenizer = load_lm_tokenizer(path, config.lm)
+            source = read_chat_template(path)
+        else:
+            from imagefm.config import from_dict
+            from imagefm.models.vlm import VLMConfig
+            from imagefm.tokenizer import Tokenizer
+
+            meta = read_meta(path)
+            config = VLMConfig.from_dict(meta["config"])
+            card = from_dict(ImageCard, meta["preprocess"], "preprocess")
+            tokenizer = Tokenizer.from_pretrained(path)
+            template_file = path / CHAT_TEMPLATE_FILE
+            source = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        return cls.from_parts(config, card, tokenizer, source)
+
+    @classmethod
+    def from_parts(cls, config: Any, card: ImageCard, tokenizer: Any,
+                   chat_template: str | None) -> VLMProcessor:
+        def text(index: int | None) -> str:
+            return (tokenizer.id_to_token(index) or "") if index is not None else ""
+
+        lm = config.lm
+        template = ChatTemplate(chat_template, text(lm.bos_token_id),
+                                text(lm.eos_token_ids[0] if lm.eos_token_ids else None),
+                                config.image_token)
+        return cls(card, tokenizer, template, image_token=config.image_token,
+                   image_token_id=config.image_token_id, image_tokens=config.image_tokens,
+                   context_length=lm.context_length,
+                   pad_id=0 if lm.pad_token_id is None else lm.pad_token_id)
+
+    # --- text → ids ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` (no BOS/EOS added: templates write their own) with every image
+        placeholder expanded to ``image_tokens`` ids."""
+        ids: list[int] = []
+        for index in self.tokenizer.pieces(text):
+            if index == self.image_token_id:
+                ids.extend([index] * self.image_tokens)
+            else:
+                ids.append(index)
+        return ids
+
+    def render(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def count_images(self, messages: Messages) -> int:
+        return sum(content_text(m["content"], self.image_token).count(self.image_token)
+                   for m in normalize_messages(messages))
+
+    def training_example(self, messages: Messages) -> Example:
+        """``input_ids`` and ``labels`` of a whole conversation, labels on assistant turns only.
+
+        Raises :class:`ConversationTooLong` when it exceeds the context (image tokens are never
+        cut in half: the conversation is refused instead).
+        """
+        messages = normalize_messages(messages)
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for end, message in enumerate(messages, start=1):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:end - 1], add_generation_prompt=True)
+            full = self.render(messages[:end], add_generation_prompt=False)
+            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                raise ValueError("the chat template does not render a conversation as a "
+                                 "growing prefix; labels cannot be placed turn by turn")
+            context = self.encode(prompt[len(rendered):])
+            reply = full[len(prompt):]
+            answer = reply.rstrip()  # the trailing newline after the end marker is markup
+            answer_ids = self.encode(answer)
+            tail_ids = self.encode(reply[len(answer):]) if len(answer) < len(reply) else []
+            ids += context + answer_ids + tail_ids
+            labels += [IGNORE_INDEX] * len(context) + answer_ids + [IGNORE_INDEX] * len(tail_ids)
+            rendered = full
+        final = self.render(messages, add_generation_prompt=False)
+        if final.startswith(rendered) and len(final) > len(rendered):
+            rest = self.encode(final[len(rendered):])  # e.g. a last user turn with no reply
+            ids += rest
+            labels += [IGNORE_INDEX] * len(rest)
+        if not any(label != IGNORE_INDEX for label in labels):
+            raise ValueError("the conversation has no assistant turn to learn from")
+        if len(ids) > self.context_length:
+            raise ConversationTooLong(f"{len(ids)} tokens exceed the context of "
+                                      f"{self.context_length}")
+        return Example(ids, labels, self.count_images(messages))
+
+    # --- batches ---------------------------------------------------------------------------------
+
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        return self.image_processor(list(images))
+
+    def collate(self, examples: Sequence[Example], images: Sequence[Any] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (+ ``pixel_values``)."""
+        length = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example.input_ids)
+            input_ids[row, :n] = torch.tensor(example.input_ids)
+            labels[row, :n] = torch.tensor(example.labels)
+            mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if images:
+            batch["pixel_values"] = self.images(images)
+        return batch
+
+    def prompt(self, conversations: Sequence[Messages], images: Sequence[Any] = ()
+               ) -> dict[str, torch.Tensor]:
+        """Left-padded generation prompts (the template's assistant opening appended).
+
+        ``images`` are all the images of all conversations, in order of their placeholders.
+        A conversation without a placeholder in its first user turn gets one prepended when
+        exactly one image per conversation is given.
+        """
+        rows = []
+        add_images = len(images) == len(conversations) and all(
+            self.count_images(c) == 0 for c in conversations)
+        for messages in conversations:
+            messages = [dict(m) for m in messages]
+            if add_images:
+                first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+                text = content_text(messages[first]["content"], self.image_token)
+                messages[first]["content"] = f"{self.image_token}\n{text}"
+            rows.append(self.encode(self.render(messages)))
+        placeholders = sum(row.count(self.image_token_id) for row in rows) // self.image_tokens
+        if placeholders != len(images):
+            raise ValueError(f"the conversations hold {placeholders} image placeholder(s) "
+                             f"but {len(images)} image(s) were given")
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row):] = torch.tensor(row)
+            mask[i, length - len(row):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if images:
+            batch["pixel_values"] = self.images(images)
+        return batch
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        return self.tokenizer.decode(ids)
