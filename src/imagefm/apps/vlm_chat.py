@@ -25,7 +25,7 @@ import torch
 
 from imagefm.chat import chat_stops, content_text, encode_chat, normalize_messages
 from imagefm.models.decoder import DecoderLM
-from imagefm.models.generation import _partial_stop_length, _stop_index, generate_tokens
+from imagefm.models.generation import TextStream
 from imagefm.models.vlm import VLM
 from imagefm.train.vlm_data import DESCRIBE
 from imagefm.vlm_processor import VLMProcessor
@@ -182,44 +182,17 @@ class Reply:
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=device).manual_seed(options.seed)
-        tokens = generate_tokens(
-            lm, input_ids, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
+        stream = TextStream(
+            lm, tokenizer, input_ids, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
             do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
             top_k=options.top_k, top_p=options.top_p,
             repetition_penalty=options.repetition_penalty, eos_token_id=eos_ids,
-            stop_strings=stops, tokenizer=tokenizer, generator=generator)
-        ids: list[int] = []
-        emitted = 0
-        self.finish_reason = "length"
+            stop_strings=stops, generator=generator, cancel=self.cancel)
         try:
-            for token in tokens:
-                value = int(token[0])
-                self.completion_tokens += 1
-                if value in eos_ids:
-                    self.finish_reason = "stop"
-                    break
-                ids.append(value)
-                text = tokenizer.decode(ids)
-                if text.endswith("\ufffd"):
-                    continue  # the rest of a multi-byte character comes with the next token
-                if _stop_index(text, stops) is not None:
-                    self.finish_reason = "stop"
-                    break
-                # Hold back what could be the start of a stop string.
-                safe = len(text) - _partial_stop_length(text, stops)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                if self.cancel is not None and self.cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    break
+            yield from stream
         finally:
-            tokens.close()
-        text = tokenizer.decode(ids) if ids else ""
-        cut = _stop_index(text, stops)
-        self.text = text if cut is None else text[:cut]
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
+            self.text, self.finish_reason = stream.text, stream.finish_reason
+            self.completion_tokens = stream.tokens
 
 
 def stream_reply(model: Any, messages: Messages, images: Sequence[Any] = (), *,

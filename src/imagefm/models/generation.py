@@ -3,7 +3,7 @@ KV cache, batched prompts with left padding, stop tokens and stop strings, strea
 
     generate(model, ids, ...)        -> [B, L + new] ids, prompt included (as HF generate)
     generate_tokens(model, ids, ...) -> iterator over each step's new tokens [B]
-    stream_text(model, tok, ids)     -> iterator over text pieces of one sequence
+    stream_text(model, tok, ids)     -> iterator over text pieces of one sequence (TextStream)
 
 Logit processing follows Hugging Face's order and definitions (tests compare against its
 processors): repetition penalty, then (sampling only) temperature, top-k, top-p. The repetition
@@ -236,48 +236,70 @@ def generate(
     return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
 
 
-def stream_text(
-    model: Any,
-    tokenizer: Any,
-    input_ids: torch.Tensor,
-    *,
-    stop_strings: Sequence[str] = (),
-    **kwargs: Any,
-) -> Iterator[str]:
-    """Text pieces of one sequence's continuation as they are generated.
+class TextStream:
+    """Text pieces of one sequence's continuation as they are generated (iterate once).
 
     A piece is held back while it ends in an incomplete UTF-8 character or could be the start
-    of a stop string; text from a stop string on is never yielded. Options as
+    of a stop string; text from a stop string on is never yielded. After iteration ``text`` is
+    the whole reply, ``tokens`` how many tokens the model produced (an end token included) and
+    ``finish_reason`` ``"stop"`` (end token or stop string), ``"length"`` (``max_new_tokens``)
+    or ``"cancelled"`` (``cancel`` was set between two tokens). Options as
     :func:`generate_tokens`.
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"stream_text takes one sequence [1, L], got {tuple(input_ids.shape)}")
-    eos = set(_eos_ids(model, kwargs.get("eos_token_id")))
-    ids: list[int] = []
-    emitted = 0
-    text = ""
-    for token in generate_tokens(model, input_ids, tokenizer=tokenizer,
-                                 stop_strings=stop_strings, **kwargs):
-        value = int(token[0])
-        if value in eos:
-            break
-        ids.append(value)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue  # the rest of a multi-byte character comes with the next token
-        cut = _stop_index(text, stop_strings)
-        if cut is not None:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return
-        safe = len(text) - _partial_stop_length(text, stop_strings)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    cut = _stop_index(text, stop_strings)
-    end = len(text) if cut is None else cut
-    if end > emitted:
-        yield text[emitted:end]
+
+    def __init__(self, model: Any, tokenizer: Any, input_ids: torch.Tensor, *,
+                 stop_strings: Sequence[str] = (), cancel: Any = None, **kwargs: Any) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"streaming takes one sequence [1, L], got "
+                             f"{tuple(input_ids.shape)}")
+        self.model, self.tokenizer, self.input_ids = model, tokenizer, input_ids
+        self.stop_strings, self.cancel, self.kwargs = tuple(stop_strings), cancel, kwargs
+        self.text = ""
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        stops = self.stop_strings
+        eos = set(_eos_ids(self.model, self.kwargs.get("eos_token_id")))
+        steps = generate_tokens(self.model, self.input_ids, tokenizer=self.tokenizer,
+                                stop_strings=stops, **self.kwargs)
+        ids: list[int] = []
+        emitted = 0
+        self.finish_reason = "length"
+        try:
+            for token in steps:
+                value = int(token[0])
+                self.tokens += 1
+                if value in eos:
+                    self.finish_reason = "stop"
+                    break
+                ids.append(value)
+                text = self.tokenizer.decode(ids)
+                if text.endswith("\ufffd"):
+                    continue  # the rest of a multi-byte character comes with the next token
+                if _stop_index(text, stops) is not None:
+                    self.finish_reason = "stop"
+                    break
+                safe = len(text) - _partial_stop_length(text, stops)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if self.cancel is not None and self.cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    break
+        finally:
+            steps.close()
+        text = self.tokenizer.decode(ids) if ids else ""
+        cut = _stop_index(text, stops)
+        self.text = text if cut is None else text[:cut]
+        if len(self.text) > emitted:
+            yield self.text[emitted:]
+
+
+def stream_text(model: Any, tokenizer: Any, input_ids: torch.Tensor, *,
+                stop_strings: Sequence[str] = (), **kwargs: Any) -> Iterator[str]:
+    """Text pieces of one sequence's continuation (see :class:`TextStream`)."""
+    return iter(TextStream(model, tokenizer, input_ids, stop_strings=stop_strings, **kwargs))
 
 
 def _stop_index(text: str, stop_strings: Sequence[str]) -> int | None:
