@@ -384,3 +384,26 @@ def test_blind_control_shows_a_grey_picture(tiny_vlm: VLM, monkeypatch: pytest.M
     result = vqa.evaluate_vqa(tiny_vlm, proc, n=2, langs=("en",), blind=True)
     assert result.split == "all (blind)" and result.total == 2
     assert all((image == 128).all() for image in seen) and len(seen) == 2
+
+
+def test_an_efficientnet_tower_feeds_the_vlm_one_token_per_feature_cell(
+        tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from imagefm.config import EfficientNetLiteConfig
+    from imagefm.models.efficientnet import EfficientNetLite
+
+    tower = EfficientNetLite(EfficientNetLiteConfig(image_size=64)).eval()
+    vlm = compose_vlm(tower, imagefm.load(tiny_llama_dir)).eval()
+    assert vlm.config.image_tokens == 4  # a 2x2 map at 64 px (32x downsampling)
+    proc = VLMProcessor.for_model(vlm)
+    batch = proc.prompt([[{"role": "user", "content": "the dog?"}]],
+                        [torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy()])
+    with torch.no_grad():
+        features = vlm.image_features(batch["pixel_values"])
+        cells = tower.feature_map(batch["pixel_values"]).flatten(2).transpose(1, 2)
+        assert torch.allclose(features, vlm.projector(cells))
+        logits = vlm(**batch).logits
+    vlm.save_pretrained(tmp_path / "vlm")
+    loaded = imagefm.load(tmp_path / "vlm")
+    assert loaded.config == vlm.config
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)

@@ -1,6 +1,7 @@
 """A LLaVA-style vision-language model: vision tower → projector → decoder LM.
 
     pixels ─► VisionTransformer.hidden_states(feature layer) ─► (drop CLS) ─► Projector ─┐
+              (or EfficientNet-Lite's last feature map, one token per cell)               │
     input_ids ─► embed_tokens ─► [image placeholder rows replaced by image tokens] ◄──────┘
                                  ─► DecoderLM ─► logits
 
@@ -19,10 +20,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from imagefm.config import CLIP_MEAN_STD, ConfigError, ImageCard, VisionConfig, from_dict
+from imagefm.config import (
+    CLIP_MEAN_STD,
+    VISION_CONFIGS,
+    ConfigError,
+    EfficientNetLiteConfig,
+    ImageCard,
+    VisionConfig,
+    _tower_config,
+    from_dict,
+)
 from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import PROJECTORS, Projector
+from imagefm.models.towers import build_vision_tower
 from imagefm.models.vit import VisionTransformer
 
 FEATURE_SELECTS = ("default", "full")  # default: patch tokens only (drop CLS); full: all tokens
@@ -37,7 +48,7 @@ class VLMConfig:
     one before. No post-norm is applied to these features.
     """
 
-    vision: VisionConfig
+    vision: VisionConfig | EfficientNetLiteConfig
     lm: DecoderConfig
     image_token_id: int
     image_token: str = "<image>"
@@ -57,33 +68,42 @@ class VLMConfig:
         if self.pixel_shuffle < 1 or (self.projector == "mlp2x_gelu" and self.pixel_shuffle != 1):
             raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle}: use 1 with the "
                               f"mlp2x_gelu projector, or a factor >= 1 with pixel_shuffle")
-        layers = self.vision.layers
+        layers = getattr(self.vision, "layers", 0)  # a convolutional tower: its last map only
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
             raise ConfigError(f"vlm.vision_feature_layer = {self.vision_feature_layer} is outside "
                               f"the tower's {layers + 1} hidden states")
         if not 0 <= self.image_token_id < self.lm.vocab_size:
             raise ConfigError(f"vlm.image_token_id = {self.image_token_id} is not a token of the "
                               f"LM's vocabulary of {self.lm.vocab_size}")
-        grid = self.vision.grid_size
+        grid = self.grid_size
         if self.pixel_shuffle > 1 and (grid % self.pixel_shuffle or self.keeps_class_token):
             raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle} needs a patch grid "
                               f"divisible by it ({grid}x{grid} here) and patch tokens only "
                               f"(vision_feature_select = 'default')")
 
     @property
+    def is_vit(self) -> bool:
+        return isinstance(self.vision, VisionConfig)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the vision tower's output grid (EfficientNet downsamples 32x)."""
+        return self.vision.grid_size if self.is_vit else self.vision.image_size // 32
+
+    @property
     def keeps_class_token(self) -> bool:
-        return self.vision.class_token and self.vision_feature_select == "full"
+        return self.is_vit and self.vision.class_token and self.vision_feature_select == "full"
 
     @property
     def feature_blocks(self) -> int:
         """How many vision blocks run to reach ``vision_feature_layer``."""
         layer = self.vision_feature_layer
-        return layer if layer >= 0 else self.vision.layers + 1 + layer
+        return layer if layer >= 0 else getattr(self.vision, "layers", 0) + 1 + layer
 
     @property
     def image_tokens(self) -> int:
         """LM positions one image occupies."""
-        return (self.vision.grid_size // self.pixel_shuffle) ** 2 + int(self.keeps_class_token)
+        return (self.grid_size // self.pixel_shuffle) ** 2 + int(self.keeps_class_token)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,7 +111,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
         data = dict(data)
-        vision = from_dict(VisionConfig, data.pop("vision"), "vision")
+        vision = _tower_config(VISION_CONFIGS, data.pop("vision"), "vision")
         lm = DecoderConfig.from_dict(data.pop("lm"))
         return from_dict(cls, {**data, "vision": vision, "lm": lm}, "vlm")
 
@@ -116,7 +136,7 @@ class VLM(nn.Module):
         super().__init__()
         self.config = config
         self.card = card or vlm_card(config.vision)
-        self.vision = VisionTransformer(config.vision)
+        self.vision = build_vision_tower(config.vision)
         self.projector = Projector(config.projector, config.vision.width, config.lm.width,
                                    factor=config.pixel_shuffle, bias=config.projector_bias)
         self.lm = DecoderLM(config.lm)
@@ -158,6 +178,9 @@ class VLM(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image tokens [images, image_tokens, lm_width]."""
+        if not self.config.is_vit:  # a convolutional tower: one token per cell of its last map
+            tokens = self.vision.feature_map(pixel_values).flatten(2).transpose(1, 2)
+            return self.projector(tokens)
         tokens = self.vision.hidden_states(pixel_values, self.config.feature_blocks)
         if self.config.vision.class_token and not self.config.keeps_class_token:
             tokens = tokens[:, 1:]
@@ -219,7 +242,7 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.vision.transformer.gradient_checkpointing = enabled
+        getattr(self.vision, "transformer", self.vision).gradient_checkpointing = enabled
         self.lm.gradient_checkpointing = enabled
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -234,16 +257,18 @@ def compose_vlm(vision: nn.Module, lm: DecoderLM, *, card: ImageCard | None = No
     """A new VLM from a pretrained vision tower and LM, with a freshly initialised projector.
 
     ``vision`` is a dual encoder (its image tower is used, with its preprocessing card) or a
-    bare :class:`VisionTransformer`. ``image_token`` is added to the LM's tokenizer as one whole
+    bare :class:`VisionTransformer` / EfficientNet-Lite (e.g. the locked tower of
+    ``lit-effnet``). ``image_token`` is added to the LM's tokenizer as one whole
     token (growing its embedding by a row) when it is not one already. ``options`` are
     :class:`VLMConfig` fields: ``projector``, ``pixel_shuffle``, ``vision_feature_layer``...
     """
+    from imagefm.models.efficientnet import EfficientNetLite
     from imagefm.models.vocab import extend_vocabulary
 
     tower = getattr(vision, "vision", vision)
-    if not isinstance(tower, VisionTransformer):
-        raise ConfigError(f"the vision model must be a ViT (or a dual encoder with one), got "
-                          f"{type(tower).__name__}")
+    if not isinstance(tower, (VisionTransformer, EfficientNetLite)):
+        raise ConfigError(f"the vision model must be a ViT or EfficientNet-Lite (or a dual "
+                          f"encoder with one), got {type(tower).__name__}")
     if lm.tokenizer is None:
         raise ConfigError("the language model has no tokenizer; load it from a checkpoint with one")
     card = card or getattr(vision, "card", None) or vlm_card(tower.config)
