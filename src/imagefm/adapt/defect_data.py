@@ -57,12 +57,10 @@ def source(config: Any, model: nn.Module, info: Any) -> DefectBatches:
     """``data.source=imagefm.adapt.defect_data:source`` (see the module docstring)."""
     from imagefm.data.synthetic.defects import defect_record
     from imagefm.processor import Processor
+    from imagefm.train.data import check_options
 
     options = dict(config.data.options)
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown data.options for defect_data: {', '.join(unknown)}; "
-                          f"known: {', '.join(OPTIONS)}")
+    check_options("defect_data", options, OPTIONS)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("defect_data needs a model with a tokenizer: start from a checkpoint "

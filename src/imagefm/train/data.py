@@ -58,6 +58,14 @@ def get_data_source(name: str) -> DataSource:
         raise ConfigError(f"data.source = {name!r} cannot be imported: {err}") from None
 
 
+def check_options(source: str, options: dict[str, Any], known: tuple[str, ...]) -> None:
+    """Refuse ``data.options`` keys that ``source`` does not read (a typo, almost always)."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown data.options for {source}: {', '.join(unknown)}; "
+                          f"known: {', '.join(known)}")
+
+
 def local_batch_size(global_batch: int, info: DistInfo) -> int:
     if global_batch % info.world_size:
         raise ConfigError(f"data.batch_size ({global_batch}) must be divisible by the number of "
@@ -104,10 +112,7 @@ TOY_OPTIONS = ("classes", "batches_per_epoch", "noise", "text_length")
 
 def toy_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> LoaderFactory:
     """``data.source=toy``: ``ToyPairs`` shaped for ``model`` (options: see TOY_OPTIONS)."""
-    unknown = sorted(set(config.data.options) - set(TOY_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown data.options for the toy source: {', '.join(unknown)}; "
-                          f"known: {', '.join(TOY_OPTIONS)}")
+    check_options("the toy source", config.data.options, TOY_OPTIONS)
     local_batch_size(config.data.batch_size, info)
     model_config: Any = model.config
     options = {"text_length": min(8, model_config.text.context_length), **config.data.options}

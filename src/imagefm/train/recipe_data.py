@@ -36,7 +36,7 @@ from torch import nn
 
 from imagefm.config import ConfigError
 from imagefm.train.config import STAGE_PRESETS, TrainConfig
-from imagefm.train.data import local_batch_size, register_data_source
+from imagefm.train.data import check_options, local_batch_size, register_data_source
 from imagefm.train.distributed import DistInfo
 
 OPTIONS = ("recipes", "langs", "cache_image_features", "views", "limit", "src")
@@ -214,10 +214,7 @@ def pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 def _options(config: TrainConfig) -> dict[str, Any]:
     options = dict(config.data.options)
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown data.options for the recipes source: {', '.join(unknown)}; "
-                          f"known: {', '.join(OPTIONS)}")
+    check_options("the recipes source", options, OPTIONS)
     options.setdefault("recipes", ["tuxpaint", "emoji"])
     options.setdefault("langs", ["en", "ko"])
     options.setdefault("cache_image_features", "auto")

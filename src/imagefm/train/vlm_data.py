@@ -29,7 +29,12 @@ from torch import nn
 from imagefm.config import ConfigError
 from imagefm.data.records import IMAGE_TOKEN, Record
 from imagefm.train.config import TrainConfig
-from imagefm.train.data import LoaderFactory, local_batch_size, register_data_source
+from imagefm.train.data import (
+    LoaderFactory,
+    check_options,
+    local_batch_size,
+    register_data_source,
+)
 from imagefm.train.distributed import DistInfo
 from imagefm.vlm_processor import ConversationTooLong, VLMProcessor
 
@@ -107,10 +112,7 @@ class SyntheticConversations:
 
 def vlm_synthetic_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> LoaderFactory:
     """``data.source = vlm-synthetic`` (options: see OPTIONS)."""
-    unknown = sorted(set(config.data.options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown data.options for vlm-synthetic: {', '.join(unknown)}; "
-                          f"known: {', '.join(OPTIONS)}")
+    check_options("vlm-synthetic", config.data.options, OPTIONS)
     local_batch_size(config.data.batch_size, info)
     options = dict(config.data.options)
     options.setdefault("seed", config.run.seed)
@@ -197,10 +199,7 @@ def read_training_records(paths: Sequence[str], image_root: str | None = None) -
 def vlm_records_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> LoaderFactory:
     """``data.source = vlm-records``: conversations from ``data.path`` (+ ``options.paths``)."""
     options = dict(config.data.options)
-    unknown = sorted(set(options) - set(RECORD_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown data.options for vlm-records: {', '.join(unknown)}; "
-                          f"known: {', '.join(RECORD_OPTIONS)}")
+    check_options("vlm-records", options, RECORD_OPTIONS)
     paths = ([config.data.path] if config.data.path else []) + list(options.pop("paths", []))
     if not paths:
         raise ConfigError("data.source = vlm-records needs data.path (shards or a LLaVA .json)")
