@@ -5,7 +5,9 @@ number of tokens (EOS disabled so both generate exactly as many). transformers g
 weights through our HF export (``hf_lm_state_dict``) and runs with SDPA attention and its default
 dynamic KV cache. imagefm runs twice: with float weights, and quantised (a GGUF file's own
 Q4_0/Q4_1/Q8_0 blocks, ``load_gguf(keep_quantized=True)``: the same weights transformers gets;
-other sources are quantised to ``--quantize``, which changes the weights). Runs alternate over
+a VLM checkpoint written by ``imagefm quantize`` keeps its blocks likewise, and the float runs
+get them dequantised; other float sources are quantised to ``--quantize``, which changes the
+weights). Runs alternate over
 several repeats so a noisy neighbour slows all alike; medians are printed. CPU by default;
 ``--device cuda`` when present (the quantised kernel is CPU-only).
 
@@ -13,6 +15,7 @@ several repeats so a noisy neighbour slows all alike; medians are printed. CPU b
     python benchmarks/bench_generate.py --kernels --threads 2 # one matrix, the CPU matmul options
     python benchmarks/bench_generate.py --model path/to/model.gguf --new-tokens 64
     python benchmarks/bench_generate.py --preset lm-tiny      # random weights, no files needed
+    python benchmarks/bench_generate.py --vlm runs/vlm-q8     # a VLM, one image in the prompt
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from imagefm.convert.llama import config_to_hf_lm, hf_lm_state_dict
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import decoder_preset
 from imagefm.models.generation import generate_tokens
-from imagefm.models.quantized import FORMATS, is_quantized, quantize_decoder
+from imagefm.models.quantized import (
+    FORMATS,
+    decode_weight_bytes,
+    dequantize_decoder,
+    is_quantized,
+    quantize_decoder,
+)
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -208,6 +217,13 @@ def main() -> None:
         batch = processor.prompt([[{"role": "user", "content": "Describe the image."}]], [image])
         model, source = vlm.lm, f"VLM {args.vlm} (one image, {vlm.config.image_tokens} tokens)"
         embed = lambda: vlm.embed(batch["input_ids"], batch["pixel_values"])  # noqa: E731
+        if is_quantized(model) and args.quantize != "none":
+            # a quantised checkpoint (imagefm quantize): its blocks are the weights; the float
+            # runs (ours and transformers) get them dequantised
+            quantized, how = model, "the checkpoint's own blocks (the same weights)"
+            model = dequantize_decoder(copy.deepcopy(model))
+        elif is_quantized(model):
+            model = dequantize_decoder(model)
     elif args.preset:
         model, source = DecoderLM(decoder_preset(args.preset)), f"preset {args.preset} (random)"
     else:
@@ -282,17 +298,7 @@ def main() -> None:
 
 
 def _weight_megabytes(model: torch.nn.Module) -> float:
-    """Bytes of the matrices one decoding step reads (the embedding lookup reads a row)."""
-    total = 0
-    for module in model.modules():
-        if hasattr(module, "qweight"):
-            total += module.nbytes
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-    head = getattr(model, "quantized_head", None)
-    if head is None and model.lm_head is None:  # tied: the embedding matrix is the head
-        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    return total / 1e6
+    return decode_weight_bytes(model) / 1e6
 
 
 if __name__ == "__main__":

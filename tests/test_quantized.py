@@ -14,6 +14,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import imagefm  # noqa: E402
 from imagefm.convert import gguf as gguf_convert  # noqa: E402
 from imagefm.convert.gguf import load_gguf  # noqa: E402
 from imagefm.models import quantized  # noqa: E402
@@ -153,8 +154,14 @@ def test_gguf_loads_quantized_with_the_float_loads_results(arch: str, tied: bool
     assert torch.equal(padded[0, 12:], alone[0, 7:])
     assert torch.equal(padded, dense.generate(ids, attention_mask=mask, max_new_tokens=6,
                                               eos_token_id=[]))
-    with pytest.raises(ValueError, match="quantised layers"):
-        packed.save_pretrained(tmp_path / "out")
+    # an imagefm checkpoint holds the file's blocks as they are
+    packed.save_pretrained(tmp_path / "out")
+    again = imagefm.load(tmp_path / "out")
+    for name, module in packed.named_modules():
+        if isinstance(module, QuantizedLinear):
+            saved = again.get_submodule(name)
+            assert torch.equal(saved.qweight, module.qweight), name
+            assert torch.equal(saved.scales, module.scales), name
 
 
 def test_gguf_without_kernel_warns_and_loads_float(tmp_path: Path, monkeypatch) -> None:

@@ -6,6 +6,9 @@ An imagefm checkpoint is a directory:
     tokenizer.json, ...   the tokenizer's own files, when the model has one
     chat_template.jinja   a language model's chat template, when it has its own
 
+A quantised language model (``imagefm quantize``) stores each quantised layer as its blocks
+(``<layer>.qweight``, ``.scales``): loading puts quantised layers back in their places.
+
 Architectures: ``dual_encoder`` (CLIP/SigLIP), ``decoder_lm`` (Llama/Qwen2 family) and ``vlm``
 (vision tower + projector + decoder LM). ``load(path)`` also reads Hugging Face
 CLIP/SigLIP/Llama/Qwen2/LLaVA directories, GGUF files and open_clip checkpoints, through the
@@ -139,6 +142,11 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
         "preprocess": card.__dict__ if card is not None else None,
         "tokenizer": tokenizer.settings() if tokenizer is not None else None,
     }
+    from imagefm.models.quantized import describe_quantization
+
+    quantization = describe_quantization(model)
+    if quantization is not None:
+        meta["quantization"] = quantization
     save_state_dict(model.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
     # The config goes last: a directory with imagefm.json is a complete checkpoint.
     atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
@@ -175,6 +183,10 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
     config = parse_config(meta["config"])
     model = cls(config, card) if card is not None else cls(config)
     state = load_state_dict_file(directory / WEIGHTS_FILE)
+    if any(k.endswith(".qweight") for k in state):  # a quantised LM (imagefm quantize)
+        from imagefm.models.quantized import install_quantized
+
+        install_quantized(model, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -114,12 +114,75 @@ def register(app: typer.Typer) -> None:
                    f"{'the --eval texts' if eval_file else 'the corpus'}; wrote {out}")
 
 
+    @app.command()
+    def quantize(
+        model_path: Path = typer.Argument(..., metavar="MODEL",
+                                          help="An imagefm language model or VLM checkpoint, an "
+                                               "HF Llama/Qwen2/LLaVA directory or a .gguf file."),
+        out: Path = typer.Option(..., "--out", "-o", help="Where to write the checkpoint."),
+        kind: str = typer.Option("auto", "--format",
+                                 help="q4_0, q4_1 or q8_0 for the LM's linear layers; auto: a "
+                                      "GGUF file's own blocks, q8_0 otherwise."),
+        head: str = typer.Option("q8_0", help="The output projection: q4_0, q4_1, q8_0 or none "
+                                              "(float)."),
+        force: bool = typer.Option(False, help="Write into a non-empty --out."),
+    ) -> None:
+        """Quantise a language model (or a VLM's LM) to 4- or 8-bit blocks and save it: decoding
+        on the CPU reads 3.5-7x fewer bytes per token. The blocks are the saved model's weights:
+        generate, ask, chat and serve load them as they are."""
+        import imagefm
+        from imagefm.checkpoint import save_model
+        from imagefm.convert.gguf import is_gguf, load_gguf
+        from imagefm.models.quantized import (
+            FORMATS,
+            decode_weight_bytes,
+            dequantize_decoder,
+            is_quantized,
+            kernel_status,
+            quantize_model,
+        )
+
+        if kind not in ("auto", *FORMATS):
+            raise typer.BadParameter(f"{kind!r} is not one of auto, {', '.join(FORMATS)}",
+                                     param_hint="--format")
+        if head not in ("none", *FORMATS):
+            raise typer.BadParameter(f"{head!r} is not one of none, {', '.join(FORMATS)}",
+                                     param_hint="--head")
+        if out.exists() and any(out.iterdir()) and not force:
+            raise typer.BadParameter(f"{out} is not empty (--force to write into it)",
+                                     param_hint="--out")
+        available, why = kernel_status()
+        if not available:
+            raise typer.BadParameter(f"the quantised kernel cannot be built here: {why}",
+                                     param_hint="MODEL")
+        keep_file = kind == "auto" and is_gguf(model_path)
+        model = load_gguf(model_path, keep_quantized=True) if keep_file \
+            else imagefm.load(model_path)
+        lm = getattr(model, "lm", model)
+        if not hasattr(lm, "blocks"):
+            raise typer.BadParameter(f"{model_path} is a {type(model).__name__}: only language "
+                                     f"models and VLMs are quantised", param_hint="MODEL")
+        if not keep_file:
+            if is_quantized(lm):  # re-quantising: from its float values
+                dequantize_decoder(lm)
+            quantize_model(model, "q8_0" if kind == "auto" else kind,
+                           None if head == "none" else head)
+        save_model(model, out)
+        typer.echo(f"wrote {out}: {decode_weight_bytes(lm) / 1e6:.1f} MB of weights read per "
+                   f"decoded token (float32: {decode_weight_bytes(lm, 4) / 1e6:.1f} MB)")
+
+
 def load_language_model(path: Path, quantize: str = "auto") -> object:
     """Load ``path`` for inference; ``quantize`` as ``imagefm generate --quantize``."""
     import imagefm
     from imagefm.convert.gguf import is_gguf, load_gguf
     from imagefm.models.decoder import DecoderLM
-    from imagefm.models.quantized import FORMATS, quantize_decoder
+    from imagefm.models.quantized import (
+        FORMATS,
+        dequantize_decoder,
+        is_quantized,
+        quantize_decoder,
+    )
 
     choices = ("auto", "none", *FORMATS)
     if quantize not in choices:
@@ -128,8 +191,11 @@ def load_language_model(path: Path, quantize: str = "auto") -> object:
     if quantize == "auto" and is_gguf(path):
         return load_gguf(path, keep_quantized=True)
     model = imagefm.load(path)
-    if quantize in FORMATS and isinstance(model, DecoderLM):
-        quantize_decoder(model, quantize)
+    if isinstance(model, DecoderLM):
+        if quantize == "none" and is_quantized(model):
+            dequantize_decoder(model)  # a quantised checkpoint, asked for float layers
+        elif quantize in FORMATS and not is_quantized(model):
+            quantize_decoder(model, quantize)
     return model
 
 

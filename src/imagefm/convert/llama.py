@@ -11,6 +11,7 @@ Writing (``export_hf_lm``): the same key map backwards plus a config.json that t
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -247,7 +248,12 @@ def load_hf_lm(path: str | Path, *, strict: bool = True,
 
 
 def hf_lm_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
-    """Our weights under HF names (tied models: no ``lm_head.weight``, as HF saves them)."""
+    """Our weights under HF names (tied models: no ``lm_head.weight``, as HF saves them).
+    Quantised layers are written as the float values of their blocks."""
+    from imagefm.models.quantized import dequantize_decoder, is_quantized
+
+    if is_quantized(model):
+        model = dequantize_decoder(copy.deepcopy(model))
     return hf_lm_key_map(model.config).to_source(model.state_dict())
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.models.decoder_config import DecoderConfig
-from imagefm.models.quantized import QuantizedLinear, is_quantized
+from imagefm.models.quantized import QuantizedLinear
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt, padding, image tokens)
 
@@ -343,10 +343,7 @@ class DecoderLM(nn.Module):
         """Write an imagefm checkpoint (weights, config, tokenizer files, chat template)."""
         from imagefm.checkpoint import save_model
 
-        if is_quantized(self):
-            raise ValueError("this model has quantised layers (QuantizedLinear), which imagefm "
-                             "checkpoints do not hold; save a model loaded without quantisation")
-        return save_model(self, directory)
+        return save_model(self, directory)  # quantised layers are saved as their blocks
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

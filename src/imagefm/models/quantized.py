@@ -4,6 +4,8 @@ blocks kept as stored and multiplied by a small C kernel, compiled on first use.
     QuantizedLinear.from_gguf(raw, "Q4_1", shape)   a GGUF tensor's blocks, bit for bit
     QuantizedLinear.from_float(weight, "q4_1")      llama.cpp's rounding of float weights (lossy)
     quantize_decoder(model, "q4_1")                 every linear layer of a DecoderLM + its head
+    dequantize_decoder(model)                       back to float layers holding the same weights
+    install_quantized(model, state)                 quantised layers where a saved state has blocks
     kernel_status()                                 whether the kernel is built, and if not why
 
 Why: one decoding step at batch 1 reads every weight once, so its speed is set by how many bytes
@@ -588,7 +590,118 @@ def quantize_decoder(model: DecoderLM, kind: str = "q4_1", head: str | None = "q
     output = None
     if head is not None:
         output = QuantizedLinear.from_float(model.output_weight, head)
+        if model.lm_head is None:
+            # Tied: lookup and output read one matrix (as in a GGUF file). Rounding the
+            # embedding to the head's values keeps it one matrix, so the model still has one
+            # set of weights (dequantize_decoder gives them back as a tied float model).
+            with torch.no_grad():
+                weight = model.embed_tokens.weight
+                weight.copy_(output.dequantize(weight.dtype).to(weight.device))
     return replace_linears(model, layers, output)
+
+
+def dequantize_decoder(model: DecoderLM) -> DecoderLM:
+    """Replace every quantised layer of ``model`` (in place) by an ``nn.Linear`` holding its
+    dequantised weights: a float model with exactly the same weights — to train it, export it,
+    or run it where the kernel cannot be built."""
+    dtype = model.embed_tokens.weight.dtype
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedLinear) or name == "quantized_head":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        linear = nn.Linear(module.in_features, module.out_features,
+                           bias=module.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantize(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        setattr(owner, attr, linear.to(module.qweight.device))
+    head = model.quantized_head
+    if head is not None:
+        if not torch.equal(head.dequantize(dtype).to(model.embed_tokens.weight.device),
+                           model.embed_tokens.weight.detach()):
+            raise ValueError("the quantised output head is not the embedding matrix's values: "
+                             "a tied float model cannot hold both")
+        model.quantized_head = None
+    return model
+
+
+def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put quantised layers where a saved state dict holds blocks (``<layer>.qweight``), in
+    every DecoderLM inside ``model`` (itself, or a VLM's ``lm``), so that the state loads into
+    a freshly built model. Without the kernel the layers are dequantised again (same weights,
+    float speed) with a warning."""
+    from imagefm.models.decoder import DecoderLM
+
+    suffix = ".qweight"
+    for prefix, decoder in list(model.named_modules()):
+        if not isinstance(decoder, DecoderLM):
+            continue
+        start = f"{prefix}." if prefix else ""
+        layers: dict[str, QuantizedLinear] = {}
+        head = None
+        for key, qweight in state.items():
+            if not (key.startswith(start) and key.endswith(suffix)):
+                continue
+            name = key[len(start):-len(suffix)]
+            stem = key[:-len(suffix)]
+            layer = QuantizedLinear(qweight, state[f"{stem}.scales"],
+                                    8 if qweight.dtype == torch.int8 else 4,
+                                    state.get(f"{stem}.bias"))
+            if name in ("quantized_head", "lm_head"):
+                head = layer
+            else:
+                layers[name] = layer
+        if not layers and head is None:
+            continue
+        replace_linears(decoder, layers, head)
+        available, why = kernel_status()
+        if not available:
+            warnings.warn(f"quantised matmul kernel unavailable, using the float weights of the "
+                          f"quantised checkpoint: {why}", stacklevel=2)
+            dequantize_decoder(decoder)
+
+
+def quantize_model(model: nn.Module, kind: str = "q4_1", head: str | None = "q8_0"
+                   ) -> nn.Module:
+    """:func:`quantize_decoder` for every DecoderLM in ``model``: a language model, or a VLM's
+    LM (its vision tower and projector run once per image and stay float). In place."""
+    from imagefm.models.decoder import DecoderLM
+
+    decoders = [m for m in model.modules() if isinstance(m, DecoderLM)]
+    if not decoders:
+        raise ValueError(f"a {type(model).__name__} has no language model to quantise")
+    for decoder in decoders:
+        quantize_decoder(decoder, kind, head)
+    return model
+
+
+def decode_weight_bytes(model: nn.Module, float_bytes: int | None = None) -> int:
+    """Bytes of the matrices one decoding step of a DecoderLM reads (blocks for quantised
+    layers; the embedding lookup reads one row, but a tied head reads all of it), or with
+    ``float_bytes`` what they would take as floats of that size."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += (module.out_features * module.in_features * float_bytes if float_bytes
+                      else module.nbytes)
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * (float_bytes or module.weight.element_size())
+    if getattr(model, "quantized_head", None) is None and getattr(model, "lm_head", 0) is None:
+        weight = model.embed_tokens.weight
+        total += weight.numel() * (float_bytes or weight.element_size())
+    return total
+
+
+def describe_quantization(model: nn.Module) -> dict[str, int] | None:
+    """How many layers hold 4-bit and 8-bit blocks (None for a float model): recorded in a
+    checkpoint's imagefm.json for people reading it."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    return {"4-bit layers": sum(m.bits == 4 for m in layers),
+            "8-bit layers": sum(m.bits == 8 for m in layers)}
 
 
 def is_quantized(model: nn.Module) -> bool:
