@@ -49,6 +49,8 @@ def sweep(experiment: Experiment, methods: Sequence[str], shots: Sequence[int | 
                     extra = (f", reference {100 * ref['before']:.1f} -> {100 * ref['after']:.1f}"
                              if ref else "")
                     shots_text = "all" if result.shots is None else str(result.shots)
+                    if result.also_top1 is not None:
+                        extra += f", second domain {100 * result.also_top1:.1f}%"
                     progress(f"{result.method:>9} shots={shots_text:>3}: test "
                              f"{100 * result.top1:5.1f}%  val {100 * result.val_top1:5.1f}%  "
                              f"{result.seconds:6.1f}s  {result.trainable_parameters:,} params"

@@ -50,6 +50,38 @@ class LabelledImages:
     def split(self, name: str) -> LabelledImages:
         return self.subset([i for i, s in enumerate(self.splits) if s == name])
 
+    def rows_of(self, classnames: Sequence[str]) -> list[int]:
+        """Indices of the images whose class name is one of ``classnames``."""
+        wanted = set(classnames)
+        return [i for i, label in enumerate(self.labels.tolist())
+                if self.classnames[label] in wanted]
+
+    def restrict(self, classnames: Sequence[str]) -> LabelledImages:
+        """Only the images of ``classnames`` (matched by name), labelled in that order; the
+        rows kept are :meth:`rows_of`'s, in their order."""
+        index = {name: i for i, name in enumerate(classnames)}
+        kept = self.subset(self.rows_of(classnames))
+        kept.labels = torch.tensor([index[self.classnames[label]]
+                                    for label in kept.labels.tolist()], dtype=torch.long)
+        kept.classnames = list(classnames)
+        return kept
+
+
+def shared_classes(first: LabelledImages, second: LabelledImages) -> list[str]:
+    """The class names of ``first`` that ``second`` has images of, in ``first``'s order."""
+    present = {second.classnames[label] for label in second.labels.tolist()}
+    return [name for name in first.classnames if name in present]
+
+
+def cap_per_class(data: LabelledImages, per_class: int | None, seed: int = 0) -> LabelledImages:
+    """At most ``per_class`` images of each class, drawn as :func:`make_splits` draws its test
+    images from a data set's own test split (same seed → same images, so cached features of
+    that test set are found again)."""
+    if per_class is None:
+        return data
+    order = _per_class_order(data.labels, np.random.default_rng(seed))
+    return data.subset(sorted(i for v in order.values() for i in v[:per_class]))
+
 
 def _shard_split(path: Path) -> str:
     for split in ("test", "val"):

@@ -9,6 +9,12 @@ shot count reuses them. Methods that change the image tower (LoRA on it, fine-tu
 test images again with the adapted model. Each result carries test and validation accuracy,
 the wall-clock training time, the number of trained parameters and, for methods that change
 weights, the forgetting check (reference accuracy before and after).
+
+Domain shift: ``also_test`` is a second labelled set (another domain: clip-art for a model
+adapted on photos) on which every method is tested too (``Result.also_top1``); its images are
+matched to the experiment's classes by class name, and those of other classes left out.
+``only_classes`` restricts the experiment to some classes (e.g. those both domains have),
+after the features of the full splits are read, so a cache of the full data serves.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ class Result:
     reference: dict[str, float] | None = None  # {"before", "after"} test accuracy
     head: Head | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)  # when the weights changed
+    also_top1: float | None = None  # accuracy on the second domain (``also_test``)
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it would deep-copy the model.
@@ -157,28 +164,47 @@ class Experiment:
                  classnames: list[str] | None = None, lang: str = "en", *,
                  cache_dir: str | Path | None = None, reference: Reference | None = None,
                  configs: MethodConfigs | None = None, batch_size: int = 128,
-                 skips: SkipCounter | None = None, progress: bool = False) -> None:
+                 skips: SkipCounter | None = None, progress: bool = False,
+                 also_test: LabelledImages | None = None,
+                 only_classes: list[str] | None = None) -> None:
         self.model, self.processor, self.lang = model.eval(), processor, lang
         self.classnames = list(classnames or splits.classnames)
         if len(self.classnames) != len(splits.classnames):
             raise ValueError(f"{len(self.classnames)} class names for "
                              f"{len(splits.classnames)} classes")
+        names = list(only_classes or splits.classnames)
+        unknown = [n for n in names if n not in splits.classnames]
+        if unknown:
+            raise ValueError(f"only_classes: {unknown} not among the data's classes "
+                             f"{splits.classnames}")
+        self.classnames = [self.classnames[splits.classnames.index(n)] for n in names]
         self.reference, self.configs = reference, configs or MethodConfigs()
         self.batch_size, self.skips = batch_size, skips if skips is not None else SkipCounter()
         started = time.perf_counter()
         fingerprint = model_fingerprint(model)
         views = {}
         kept_splits = {}
-        for name in ("pool", "val", "test"):
-            part: LabelledImages = getattr(splits, name)
+        parts = {name: getattr(splits, name) for name in ("pool", "val", "test")}
+        if also_test is not None:
+            parts["also"] = also_test
+        for name, part in parts.items():
             feats = cached_features(model, processor, part.images, part.keys, cache_dir,
                                     fingerprint=fingerprint, batch_size=batch_size,
                                     skips=self.skips, progress=progress)
             kept = part.subset(feats.kept.tolist())  # undecodable images leave every split
-            kept_splits[name] = kept
-            views[name] = feature_views(model, feats.pre, kept.labels)
+            # Only the experiment's classes, by name (a no-op without only_classes).
+            rows = kept.rows_of(names)
+            kept_splits[name] = kept.restrict(names)
+            pre = feats.pre[torch.as_tensor(rows, dtype=torch.long)]
+            views[name] = feature_views(model, pre, kept_splits[name].labels)
         self.splits = Splits(kept_splits["pool"], kept_splits["val"], kept_splits["test"])
         self.pool, self.val, self.test = views["pool"], views["val"], views["test"]
+        # The second domain, if any: its images of the experiment's classes.
+        self.also_data: LabelledImages | None = kept_splits.get("also")
+        self.also: FeatureViews | None = views.get("also")
+        if self.also is not None and len(self.also) == 0:
+            raise ValueError(f"also_test has no images of the classes {names} (its classes: "
+                             f"{also_test.classnames if also_test is not None else []})")
         self.feature_seconds = time.perf_counter() - started
         self.prompts = class_prompts(self.classnames, lang)
         scale, bias = logit_parts(model)
@@ -201,7 +227,8 @@ class Experiment:
                 "after": self.reference.accuracy(model, self.processor, "test")}
 
     def _images(self, part: str, indices: list[int] | None = None) -> list[bytes]:
-        images = getattr(self.splits, part).images
+        data = self.also_data if part == "also" else getattr(self.splits, part)
+        images = data.images
         return images if indices is None else [images[i] for i in indices]
 
     def _post_features(self, model: nn.Module, part: str) -> torch.Tensor:
@@ -260,8 +287,10 @@ class Experiment:
         seconds = time.perf_counter() - started
         top1 = accuracy(head.logits(self.test.get(head.feature)), self.test.labels)
         val = accuracy(head.logits(self.val.get(head.feature)), self.val.labels)
+        also = (None if self.also is None else
+                accuracy(head.logits(self.also.get(head.feature)), self.also.labels))
         return [Result(method, 0 if method == "zeroshot" else shots, top1, val, seconds,
-                       trainable, info, None, head)]
+                       trainable, info, None, head, also_top1=also)]
 
     def _run_lora(self, indices: list[int], shots: int | None, started: float) -> Result:
         settings = self.configs.lora
@@ -273,13 +302,16 @@ class Experiment:
                                    self._batchable("pool", indices, vision),
                                    self._batchable("val", None, vision), settings, towers)
         seconds = time.perf_counter() - started
-        post = self._post_features(adapted, "test") if vision else self.test.post
         scale, bias = logit_parts(adapted)
         head = text_head(class_embeddings(adapted, self.processor, prompts), scale, bias)
-        top1 = accuracy(head.logits(post), self.test.labels)
-        return Result("lora", shots, top1, info["val_accuracy"], seconds,
+        scores = {}
+        for part in ("test", "also") if self.also is not None else ("test",):
+            views: FeatureViews = getattr(self, part)
+            post = self._post_features(adapted, part) if vision else views.post
+            scores[part] = accuracy(head.logits(post), views.labels)
+        return Result("lora", shots, scores["test"], info["val_accuracy"], seconds,
                       info["trainable_parameters"], info, self._forgetting(adapted), head,
-                      adapted)
+                      adapted, also_top1=scores.get("also"))
 
     def _run_finetune(self, indices: list[int], shots: int | None,
                       started: float) -> list[Result]:
@@ -307,11 +339,14 @@ class Experiment:
         for name, a in (("finetune", 1.0), ("wise-ft", alpha)):
             model = tuned if a == 1.0 else wise_ft(self.model, tuned, a)
             top1 = self._accuracy_of(model, "test", prompts, vision)
+            also = (None if self.also is None else
+                    self._accuracy_of(model, "also", prompts, vision))
             val = next(c["target"] for c in curve if c["alpha"] == a)
             scale, bias = logit_parts(model)
             head = text_head(class_embeddings(model, self.processor, prompts), scale, bias)
             details = {**info, "alpha": a, "wise_curve": curve,
                        "max_reference_drop": wise.max_drop}
             results.append(Result(name, shots, top1, val, seconds, info["trainable_parameters"],
-                                  details, self._forgetting(model), head, model))
+                                  details, self._forgetting(model), head, model,
+                                  also_top1=also))
         return results

@@ -1,7 +1,8 @@
 """Reports of adaptation runs: ``results.json``, ``report.md`` and PNG plots.
 
 * ``accuracy_vs_shots.png``: test accuracy against shots per class, one line per method, the
-  zero-shot accuracy dashed and full-data results dotted;
+  zero-shot accuracy dashed and full-data results dotted; with a second domain (``also_top1``,
+  ``imagefm adapt --also-test``) a second panel shows its accuracy the same way;
 * ``wise_ft.png``: WiSE-FT's validation curve (target vs reference accuracy over α);
 * tables: accuracy by shots, training time and trained parameters, the forgetting check;
 * anomaly runs: image- and pixel-level AUROC per category, and anomaly-map PNGs.
@@ -29,12 +30,13 @@ def _shots_label(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
-def plot_shots(results: Sequence[dict[str, Any]], path: str | Path,
-               title: str = "Accuracy vs shots") -> Path:
+def _has_second_domain(results: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("also_top1") is not None for r in results)
+
+
+def _plot_panel(ax: Any, results: Sequence[dict[str, Any]], key: str, title: str) -> None:
     import matplotlib
 
-    figure = _new_figure(9.0, 4.5)
-    ax = figure.add_subplot()
     colours = matplotlib.colormaps["tab10"]
     methods = [m for m in dict.fromkeys(r["method"] for r in results) if m != "zeroshot"]
     shot_values = sorted({r["shots"] for r in results if r["shots"]})
@@ -42,24 +44,36 @@ def plot_shots(results: Sequence[dict[str, Any]], path: str | Path,
         rows = sorted((r for r in results if r["method"] == method and r["shots"]),
                       key=lambda r: r["shots"])
         if rows:
-            ax.plot([r["shots"] for r in rows], [100 * r["top1"] for r in rows], marker="o",
+            ax.plot([r["shots"] for r in rows], [100 * r[key] for r in rows], marker="o",
                     label=method, color=colours(i % 10))
         for r in results:
             if r["method"] == method and r["shots"] is None:
-                ax.axhline(100 * r["top1"], color=colours(i % 10), linestyle=":",
+                ax.axhline(100 * r[key], color=colours(i % 10), linestyle=":",
                            label=f"{method} (all data)")
     for r in results:
         if r["method"] == "zeroshot":
-            ax.axhline(100 * r["top1"], color="black", linestyle="--", label="zero-shot")
+            ax.axhline(100 * r[key], color="black", linestyle="--", label="zero-shot")
             break
     if shot_values:
         ax.set_xscale("log", base=2)
         ax.set_xticks(shot_values, [str(s) for s in shot_values])
     ax.set_xlabel("training images per class")
-    ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title(title)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def plot_shots(results: Sequence[dict[str, Any]], path: str | Path,
+               title: str = "Accuracy vs shots",
+               domains: tuple[str, str] = ("test", "second domain")) -> Path:
+    """Accuracy against shots; a second panel for the second domain when results have one."""
+    second = _has_second_domain(results)
+    figure = _new_figure(13.0 if second else 9.0, 4.5)
+    axes = figure.subplots(1, 2 if second else 1, sharey=True, squeeze=False)[0]
+    _plot_panel(axes[0], results, "top1", f"{title}: {domains[0]}" if second else title)
+    if second:
+        _plot_panel(axes[1], results, "also_top1", f"{title}: {domains[1]}")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)
@@ -85,17 +99,24 @@ def plot_wise(curve: Sequence[dict[str, Any]], path: str | Path, chosen: float) 
     return Path(path)
 
 
+def _cell(result: dict[str, Any], second: bool) -> str:
+    """``62.1`` or, with a second domain, ``62.1 / 40.3`` (test / second domain)."""
+    text = _pct(result["top1"])
+    return f"{text} / {_pct(result.get('also_top1'))}" if second else text
+
+
 def _accuracy_table(results: Sequence[dict[str, Any]]) -> str:
     shots = sorted({r["shots"] for r in results if r["shots"]}) + (
         [None] if any(r["shots"] is None for r in results) else [])
+    second = _has_second_domain(results)
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
         if method == "zeroshot":
             zs = next(r for r in results if r["method"] == method)
-            rows.append(["zeroshot"] + [_pct(zs["top1"])] * len(shots))
+            rows.append(["zeroshot"] + [_cell(zs, second)] * len(shots))
             continue
         cells = {r["shots"]: r for r in results if r["method"] == method}
-        rows.append([method] + [_pct(cells[s]["top1"]) if s in cells else "" for s in shots])
+        rows.append([method] + [_cell(cells[s], second) if s in cells else "" for s in shots])
     return _markdown_table(["method"] + [_shots_label(s) for s in shots], rows)
 
 
@@ -135,19 +156,26 @@ def _forgetting_table(results: Sequence[dict[str, Any]]) -> str | None:
 
 
 def write_adapt_report(results: Sequence[dict[str, Any]], out_dir: str | Path,
-                       title: str = "Adaptation report", meta: dict[str, Any] | None = None
+                       title: str = "Adaptation report", meta: dict[str, Any] | None = None,
+                       domains: tuple[str, str] = ("test", "second domain")
                        ) -> dict[str, Path]:
-    """Write ``results.json``, ``report.md`` and plots for classification results."""
+    """Write ``results.json``, ``report.md`` and plots for classification results.
+
+    ``domains`` names the test set and, for results with ``also_top1``, the second domain.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
     atomic_write_text(paths["json"], json.dumps({"meta": meta or {}, "results": list(results)},
                                                 indent=2, ensure_ascii=False) + "\n")
     lines = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in (meta or {}).items()] + [""]
-    lines += ["## Test accuracy (%) by training images per class", "",
-              _accuracy_table(results), ""]
+    lines += ["## Test accuracy (%) by training images per class", ""]
+    if _has_second_domain(results):
+        lines += [f"Each cell: {domains[0]} / {domains[1]} (the second domain's images of the "
+                  "experiment's classes; nothing of it is trained on).", ""]
+    lines += [_accuracy_table(results), ""]
     if any(r["shots"] for r in results) or any(r["shots"] is None for r in results):
-        paths["shots"] = plot_shots(results, out / "accuracy_vs_shots.png", title)
+        paths["shots"] = plot_shots(results, out / "accuracy_vs_shots.png", title, domains)
         lines += ["![accuracy vs shots](accuracy_vs_shots.png)", ""]
     lines += ["## Cost and choices", "",
               "Training time is wall-clock on the machine named above, image features cached "

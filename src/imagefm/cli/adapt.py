@@ -65,6 +65,25 @@ def _classnames(data: Path, names: list[str], classes: Path | None, lang: str) -
     return resolved
 
 
+def _only_classes(text: str | None, data: Any, second: Any) -> list[str] | None:
+    """``--only-classes``: None (every class), a list of names, or 'shared' with --also-test."""
+    from imagefm.adapt.data import shared_classes
+
+    if text is None:
+        return None
+    if text.strip() == "shared":
+        if second is None:
+            raise typer.BadParameter("--only-classes shared needs --also-test D")
+        names = shared_classes(data, second)
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in data.classnames]
+    if unknown or not names:
+        raise typer.BadParameter(f"--only-classes: {unknown or text!r} not among the data's "
+                                 f"classes {data.classnames}")
+    return names
+
+
 def _machine(device: str) -> str:
     import os
     import platform
@@ -129,6 +148,15 @@ def register(app: typer.Typer) -> None:
         test_per_class: int | None = typer.Option(None, "--test-per-class",
                                                   help="At most this many test images per "
                                                        "class (a shorter run)."),
+        also_test: str | None = typer.Option(None, "--also-test",
+                                             help="A second labelled set (another domain) to "
+                                                  "test every method on too: its images of "
+                                                  "the experiment's classes (by name), at most "
+                                                  "--test-per-class per class."),
+        only_classes: str | None = typer.Option(None, "--only-classes",
+                                                help="Use only these classes (comma-separated "
+                                                     "names); 'shared': those --also-test has "
+                                                     "too."),
         reference: str | None = typer.Option(None, "--reference",
                                              help="Forgetting check: synthetic:colour,shape | "
                                                   "zeroshot:PATH | retrieval:PATH."),
@@ -167,6 +195,7 @@ def register(app: typer.Typer) -> None:
             parse_reference,
             sweep,
         )
+        from imagefm.adapt.data import cap_per_class
         from imagefm.adapt.report import write_adapt_report
         from imagefm.data.formats import SkipCounter
 
@@ -201,6 +230,10 @@ def register(app: typer.Typer) -> None:
         else:
             shot_list = _parse_shots(shots or "1,2,4,8,16")
         names = _classnames(Path(data), splits.classnames, classes, lang)
+        second = None
+        if also_test is not None:
+            second = cap_per_class(load_labelled(also_test, skips), test_per_class, seed)
+        kept_classes = _only_classes(only_classes, labelled, second)
         ref = parse_reference(reference) if reference else None
         if ref is None and any(m in ("lora", "finetune") for m in methods):
             typer.echo("note: no --reference given, so no forgetting check", err=True)
@@ -208,12 +241,19 @@ def register(app: typer.Typer) -> None:
         experiment = Experiment(model, processor, splits, names, lang,
                                 cache_dir=cache or out / "cache", reference=ref,
                                 configs=configs, batch_size=batch_size, skips=decode_skips,
-                                progress=True)
+                                progress=True, also_test=second, only_classes=kept_classes)
+        also_text = ("" if experiment.also is None else
+                     f", {len(experiment.also)} {Path(also_test or '').name} images")
         typer.echo(f"{len(experiment.pool)} training, {len(experiment.val)} validation, "
-                   f"{len(experiment.test)} test images, {len(names)} classes; features in "
+                   f"{len(experiment.test)} test images{also_text}, "
+                   f"{len(experiment.classnames)} classes; features in "
                    f"{experiment.feature_seconds:.1f}s")
         results = sweep(experiment, methods, shot_list, progress=typer.echo)
-        meta.update(classes=len(names), lang=lang, train_pool=len(experiment.pool),
+        if experiment.also is not None:
+            meta.update(also_test=f"{also_test} ({len(experiment.also)} images)")
+        if kept_classes is not None:
+            meta.update(only_classes=", ".join(kept_classes))
+        meta.update(classes=len(experiment.classnames), lang=lang, train_pool=len(experiment.pool),
                     val=len(experiment.val), test=len(experiment.test),
                     feature_seconds=round(experiment.feature_seconds, 1),
                     total_seconds=round(time.perf_counter() - started, 1),
@@ -227,7 +267,7 @@ def register(app: typer.Typer) -> None:
                 x.shots is None for x in results) else largest)] or results
             best = max(pool, key=lambda r: r.val_top1)
             target = best.model if best.model is not None else model
-            AdaptedClassifier(target, processor, best.head, names,
+            AdaptedClassifier(target, processor, best.head, experiment.classnames,
                               {"method": best.method, "shots": best.shots, "lang": lang,
                                "test_top1": best.top1, "val_top1": best.val_top1}
                               ).save(out / "model")
@@ -237,7 +277,8 @@ def register(app: typer.Typer) -> None:
         name = model_path.name if model_path.name not in ("model", "final") else \
             f"{model_path.parent.name}/{model_path.name}"
         paths = write_adapt_report([r.to_dict() for r in results], out,
-                                   f"Adaptation of {name} on {Path(data).name}", meta)
+                                   f"Adaptation of {name} on {Path(data).name}", meta,
+                                   (f"{Path(data).name} test", Path(also_test or "").name))
         if save:
             typer.echo(f"saved {meta['saved_model']}")
         typer.echo(f"\nwrote {paths['markdown']}")

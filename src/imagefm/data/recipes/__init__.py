@@ -6,7 +6,15 @@ registers them all; their heavy imports (Pillow, emoji) happen only when a recip
 
 from __future__ import annotations
 
-from imagefm.data.recipes import cifar10, coco, folder, noto_emoji, openclipart, tuxpaint
+from imagefm.data.recipes import (
+    cifar10,
+    coco,
+    folder,
+    noto_emoji,
+    openclipart,
+    openclipart_classes,
+    tuxpaint,
+)
 from imagefm.data.recipes.base import (
     MANIFEST,
     RECIPES,
@@ -20,5 +28,5 @@ from imagefm.data.recipes.base import (
 )
 
 __all__ = ["MANIFEST", "RECIPES", "MissingSourceError", "Recipe", "cifar10", "coco", "folder",
-           "noto_emoji", "openclipart", "prepare", "register", "reserved_test_split",
-           "split_for", "tuxpaint", "write_dataset"]
+           "noto_emoji", "openclipart", "openclipart_classes", "prepare", "register",
+           "reserved_test_split", "split_for", "tuxpaint", "write_dataset"]
