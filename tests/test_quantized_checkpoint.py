@@ -127,6 +127,15 @@ def test_quantize_command(tiny_vlm: VLM, tmp_path: Path) -> None:
     bad = runner.invoke(app, ["quantize", str(tmp_path / "float"), "--out",
                               str(tmp_path / "x"), "--format", "q3_k"])
     assert bad.exit_code != 0 and "q3_k" in bad.output
+    described = {name: runner.invoke(app, ["info", str(tmp_path / name)]) for name in
+                 ("float", "q8")}
+    assert all(r.exit_code == 0 for r in described.values()), described["float"].output
+    assert "vlm (vision vit, lm llama)" in described["float"].output
+    assert "quantised" not in described["float"].output
+    assert "15 8-bit layers (blocks of 32)" in described["q8"].output
+    to_hf = runner.invoke(app, ["convert", str(tmp_path / "q8"), str(tmp_path / "hf"),
+                                "--to", "hf"])
+    assert to_hf.exit_code != 0 and "cannot be exported" in to_hf.output
     four = runner.invoke(app, ["quantize", str(tmp_path / "q8"), "--out", str(tmp_path / "q4"),
                                "--format", "q4_1", "--head", "none"])
     assert four.exit_code == 0, four.output

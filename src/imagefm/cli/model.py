@@ -12,9 +12,12 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
     """Rows (name, value) that describe a loaded model: architecture, size, preprocessing card."""
     from imagefm.checkpoint import architecture_name
     from imagefm.models.decoder import DecoderLM
+    from imagefm.models.vlm import VLM
 
     if isinstance(model, DecoderLM):
         return _describe_lm(model, source)
+    if isinstance(model, VLM):
+        return _describe_vlm(model, source)
     c = model.config
     v, t = c.vision, c.text
     rows = [
@@ -22,11 +25,7 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
         ("architecture", f"{architecture_name(model)} ({c.model_type})"),
         ("parameters", f"{model.num_parameters:,} (vision {_count(model.vision):,}, "
                        f"text {_count(model.text):,})"),
-        ("vision", f"ViT {v.image_size}px / patch {v.patch_size}, width {v.width}, "
-                   f"{v.layers} layers, {v.heads} heads, mlp {v.mlp_dim}, {v.act}, pool {v.pool}"
-         if v.model_type == "vit" else
-         f"EfficientNet-Lite {v.image_size}px, width x{v.width_coefficient:g}, depth "
-         f"x{v.depth_coefficient:g}, {v.width} features, {v.act}"),
+        ("vision", _vision_text(v)),
         ("text", f"{'BERT, ' if t.model_type == 'bert' else ''}width {t.width}, {t.layers} "
                  f"layers, {t.heads} heads, mlp {t.mlp_dim}, {t.act}, "
                  f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool}, "
@@ -46,21 +45,70 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
     return rows
 
 
+def _vision_text(v: Any) -> str:
+    if v.model_type == "vit":
+        return (f"ViT {v.image_size}px / patch {v.patch_size}, width {v.width}, {v.layers} "
+                f"layers, {v.heads} heads, mlp {v.mlp_dim}, {v.act}, pool {v.pool}")
+    return (f"EfficientNet-Lite {v.image_size}px, width x{v.width_coefficient:g}, depth "
+            f"x{v.depth_coefficient:g}, {v.width} features, {v.act}")
+
+
+def _lm_rows(lm: Any) -> list[tuple[str, str]]:
+    """The decoder, its weights' format (float or quantised blocks), tokenizer, template."""
+    from imagefm.models.quantized import decode_weight_bytes, describe_quantization
+
+    c = lm.config
+    rows = [("decoder", f"width {c.width}, {c.layers} layers, {c.heads} heads / {c.kv_heads} kv "
+                        f"heads, mlp {c.mlp_dim}, context {c.context_length}, rope theta "
+                        f"{c.rope_theta:g}" + (f" ({c.rope_scaling} x{c.rope_factor:g})"
+                                               if c.rope_scaling != "default" else ""))]
+    quantized = describe_quantization(lm)
+    if quantized is not None:
+        layers = ", ".join(f"{n} {k[:-1] if n == 1 else k}" for k, n in quantized.items() if n)
+        rows.append(("quantised", f"{layers} (blocks of 32); {decode_weight_bytes(lm) / 1e6:.1f} "
+                                  f"MB read per decoded token, float32 "
+                                  f"{decode_weight_bytes(lm, 4) / 1e6:.1f} MB"))
+    tok = getattr(lm, "tokenizer", None)
+    rows += [("tokenizer", "none" if tok is None else f"vocab {tok.vocab_size:,}"),
+             ("chat template", "own" if getattr(lm, "chat_template", None)
+              else "ChatML (default)")]
+    return rows
+
+
 def _describe_lm(model: Any, source: str) -> list[tuple[str, str]]:
     c = model.config
-    tok = getattr(model, "tokenizer", None)
-    return [
-        ("source", source),
-        ("architecture", f"decoder_lm ({c.model_type})"),
-        ("parameters", f"{model.num_parameters:,}"
-                       f"{' (tied embeddings)' if c.tie_embeddings else ''}"),
-        ("decoder", f"width {c.width}, {c.layers} layers, {c.heads} heads / {c.kv_heads} kv heads, "
-                    f"mlp {c.mlp_dim}, context {c.context_length}, rope theta {c.rope_theta:g}"
-                    + (f" ({c.rope_scaling} x{c.rope_factor:g})"
-                       if c.rope_scaling != "default" else "")),
-        ("tokenizer", "none" if tok is None else f"vocab {tok.vocab_size:,}"),
-        ("chat template", "own" if getattr(model, "chat_template", None) else "ChatML (default)"),
-    ]
+    return [("source", source),
+            ("architecture", f"decoder_lm ({c.model_type})"),
+            ("parameters", f"{model.num_parameters:,}" + _notes(
+                "tied embeddings" if c.tie_embeddings else "",
+                "float only: quantised layers not counted" if _quantized(model) else "")),
+            *_lm_rows(model)]
+
+
+def _describe_vlm(model: Any, source: str) -> list[tuple[str, str]]:
+    c = model.config
+    return [("source", source),
+            ("architecture", f"vlm (vision {c.vision.model_type}, lm {c.lm.model_type})"),
+            ("parameters", f"{model.num_parameters:,} (vision {_count(model.vision):,}, "
+                           f"projector {_count(model.projector):,}, lm {_count(model.lm):,}"
+                           f"{', float only' if _quantized(model) else ''})"),
+            ("vision", _vision_text(c.vision)),
+            ("projector", f"{c.projector}" + (f", pixel shuffle {c.pixel_shuffle}"
+                                              if c.pixel_shuffle > 1 else "")
+             + f"; {c.image_tokens} tokens per image as {c.image_token!r} (id "
+               f"{c.image_token_id})"),
+            *_lm_rows(model.lm)]
+
+
+def _notes(*notes: str) -> str:
+    kept = [n for n in notes if n]
+    return f" ({'; '.join(kept)})" if kept else ""
+
+
+def _quantized(model: Any) -> bool:
+    from imagefm.models.quantized import is_quantized
+
+    return is_quantized(model)
 
 
 def _count(module: Any) -> int:
@@ -101,11 +149,16 @@ def register(app: typer.Typer) -> None:
         model = imagefm.load(src, arch=arch)
         if to == "hf":
             from imagefm.models.decoder import DecoderLM
+            from imagefm.models.vlm import VLM
 
             if isinstance(model, DecoderLM):
                 from imagefm.convert.llama import export_hf_lm
 
                 export_hf_lm(model, dst)
+            elif isinstance(model, VLM):
+                raise typer.BadParameter("a VLM cannot be exported to Hugging Face format yet "
+                                         "(its LM can: convert it from a DecoderLM checkpoint)",
+                                         param_hint="--to")
             else:
                 from imagefm.convert.hf import export_hf
 
