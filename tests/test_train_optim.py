@@ -179,3 +179,28 @@ def test_gradient_clipping_scales_to_the_max_norm():
     assert total.item() == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(params[0].grad, torch.tensor([0.6, 0.0, 0.0]), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_fused_adamw_by_default_and_the_same_update_as_foreach():
+    model = tiny()
+    mults = {name: 1.0 for name, _ in model.named_parameters()}
+    fused = build_optimizer(model, OptimConfig(), mults)
+    assert fused.defaults["fused"] is True
+    reference = tiny()
+    reference.load_state_dict(model.state_dict())
+    foreach = build_optimizer(reference, OptimConfig(fused="off"), mults)
+    assert not foreach.defaults["fused"]
+    for net in (model, reference):
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 0.01) * torch.arange(p.numel()).reshape(p.shape) % 3
+    fused.step()
+    foreach.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
+
+
+def test_an_unknown_fused_setting_is_refused():
+    from imagefm.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="optim.fused"):
+        TrainConfig.from_dict({"optim": {"fused": "yes"}})

@@ -29,6 +29,7 @@ from imagefm.config import ConfigError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PRECISIONS = ("auto", "bf16", "fp32")
+FUSED_OPTIMIZER = ("auto", "on", "off")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "clip", "siglip")
@@ -99,6 +100,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # PyTorch's fused AdamW kernel (3.5-5x faster steps than foreach on this CPU): auto uses it
+    # unless a parameter is sharded (FSDP); on insists, off keeps the foreach implementation.
+    fused: str = "auto"
 
 
 @dataclass
@@ -367,6 +371,7 @@ def validate(c: TrainConfig) -> None:
     _choice("task.name", c.task.name, TASKS)
     _choice("task.loss", c.task.loss, LOSSES)
     _choice("train.precision", c.train.precision, PRECISIONS)
+    _choice("optim.fused", c.optim.fused, FUSED_OPTIMIZER)
     _choice("train.strategy", c.train.strategy, STRATEGIES)
     _choice("stage.preset", c.stage.preset, tuple(STAGE_PRESETS))
     _at_least(1, run__checkpoint_every=c.run.checkpoint_every, run__keep_last=c.run.keep_last,

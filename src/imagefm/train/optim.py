@@ -56,7 +56,14 @@ def build_optimizer(model: nn.Module, config: OptimConfig,
                     lr_mults: dict[str, float]) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters, grouped by ``param_groups``."""
     groups = param_groups(model, lr_mults, config.lr, config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    params = [p for group in groups for p in group["params"]]
+    # The fused kernel reads every tensor of a step in one go; sharded (DTensor) parameters
+    # and devices without the kernel keep the foreach implementation.
+    fusable = all(not hasattr(p, "device_mesh") and p.device.type in ("cpu", "cuda")
+                  and p.is_floating_point() for p in params)
+    fused = config.fused == "on" or (config.fused == "auto" and fusable and bool(params))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                             **({"fused": True} if fused else {}))
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int,
