@@ -17,6 +17,7 @@ dense bf16 peak (``--peak-tflops``, 989 for an H100 SXM).
     python benchmarks/bench_train.py --preset tiny --batch 128
     python benchmarks/bench_train.py --preset small --batch 64 --repeats 5
     python benchmarks/bench_train.py --preset base --batch 256 --device cuda --compile
+    python benchmarks/bench_train.py ... --optimizer foreach --host-sync step   # the old step
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def imagefm_step(cfg: DualEncoderConfig, batch: dict, args: argparse.Namespace) 
     config = TrainConfig.from_dict({
         "run": {"output_dir": "/tmp/imagefm-bench-train", "device": args.device,
                 "progress": False, "tensorboard": False},
-        "optim": {"lr": 1e-4, "grad_clip": 1.0, "warmup_steps": 0},
-        "train": {"steps": 10**9, "precision": args.precision},
+        "optim": {"lr": 1e-4, "grad_clip": 1.0, "warmup_steps": 0,
+                  "implementation": args.optimizer},
+        "train": {"steps": 10**9, "precision": args.precision, "host_sync": args.host_sync},
         "model": {"compile": args.compile},
     })
     trainer = Trainer(DualEncoder(cfg), ContrastiveTask("clip"), config, [batch])
@@ -113,7 +115,8 @@ def child_memory(args: argparse.Namespace, side: str) -> dict[str, float]:
     """Run one side alone in a child process; its peak RSS growth over the training steps."""
     command = [sys.executable, __file__, "--child", side, "--preset", args.preset,
                "--batch", str(args.batch), "--device", args.device, "--precision", args.precision,
-               "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+               "--threads", str(args.threads), "--optimizer", args.optimizer,
+               "--host-sync", args.host_sync] + (["--compile"] if args.compile else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -145,6 +148,10 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach"),
+                        help="imagefm's AdamW kernel (optim.implementation)")
+    parser.add_argument("--host-sync", default="auto", choices=("auto", "step", "log"),
+                        help="imagefm's train.host_sync (log: no read-back in the step)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's dense bf16 peak, for MFU (H100 SXM: 989)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory children")

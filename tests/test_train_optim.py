@@ -188,7 +188,7 @@ def test_fused_adamw_by_default_and_the_same_update_as_foreach():
     assert fused.defaults["fused"] is True
     reference = tiny()
     reference.load_state_dict(model.state_dict())
-    foreach = build_optimizer(reference, OptimConfig(fused="off"), mults)
+    foreach = build_optimizer(reference, OptimConfig(implementation="foreach"), mults)
     assert not foreach.defaults["fused"]
     for net in (model, reference):
         for p in net.parameters():
@@ -202,5 +202,5 @@ def test_fused_adamw_by_default_and_the_same_update_as_foreach():
 def test_an_unknown_fused_setting_is_refused():
     from imagefm.train.config import TrainConfig
 
-    with pytest.raises(ConfigError, match="optim.fused"):
-        TrainConfig.from_dict({"optim": {"fused": "yes"}})
+    with pytest.raises(ConfigError, match="optim.implementation"):
+        TrainConfig.from_dict({"optim": {"implementation": "yes"}})

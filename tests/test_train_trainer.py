@@ -261,3 +261,56 @@ def test_a_reiterable_loader_is_told_the_epoch(tmp_path):
     trainer_for(config, loader=loader).fit()
     assert loader.epochs == [0, 1, 2]
     assert [r["epoch"] for r in read_metrics(config.run_dir)] == [0, 0, 1, 1, 2]
+
+
+def test_host_sync_log_trains_as_step_mode_does(tmp_path):
+    finals, logged = {}, {}
+    for mode in ("step", "log"):
+        config = make_config(tmp_path, "train.steps=6", f"train.host_sync={mode}",
+                             "run.log_every=3", f"run.name={mode}", "optim.lr=3e-3")
+        trainer = trainer_for(config)
+        assert trainer.deferred_sync == (mode == "log")
+        run_dir = trainer.fit()
+        finals[mode] = load_file(run_dir / "final" / "model.safetensors")
+        logged[mode] = read_metrics(run_dir)
+    assert [r["step"] for r in logged["log"]] == [3, 6]
+    for a, b in zip(logged["step"], logged["log"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert isinstance(b["loss"], float) and b["samples_per_s"] > 0
+    for key, value in finals["step"].items():
+        assert torch.allclose(value, finals["log"][key], rtol=1e-3, atol=1e-5), key
+
+
+def test_host_sync_log_skips_non_finite_steps_on_the_device(tmp_path):
+    config = make_config(tmp_path, "train.steps=5", "train.host_sync=log", "run.log_every=5")
+    trainer = trainer_for(config, task=SometimesNaN({2, 3}))
+    weights = {}
+    step_fn = trainer.train_step
+
+    def step(batch):
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        record = step_fn(batch)
+        assert isinstance(record["loss"], torch.Tensor)  # nothing read back yet
+        weights[record["step"]] = (before, {n: p.detach().clone()
+                                            for n, p in trainer.model.named_parameters()})
+        return record
+
+    trainer.train_step = step
+    trainer.fit()
+    for number in (2, 3):  # the fused AdamW left the weights alone
+        before, after = weights[number]
+        assert all(torch.equal(before[n], after[n]) for n in before)
+    before, after = weights[4]
+    assert not all(torch.equal(before[n], after[n]) for n in before)
+    (record,) = read_metrics(trainer.run_dir)
+    assert record["step"] == 5 and record["skipped_steps"] == 2
+    assert trainer.progress.skipped_steps == 2
+
+
+def test_host_sync_log_still_stops_after_too_many_bad_steps(tmp_path):
+    config = make_config(tmp_path, "train.steps=10", "train.max_bad_steps=2",
+                         "train.host_sync=log", "run.log_every=5")
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row \\(step 4\\)"):
+        trainer_for(config, task=SometimesNaN({2, 3, 4})).fit()
+    with pytest.raises(ConfigError, match="host_sync=log.*optim.implementation"):
+        make_config(tmp_path, "train.host_sync=log", "optim.implementation=foreach")

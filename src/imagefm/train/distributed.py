@@ -190,6 +190,20 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     return total
 
 
+def clip_grad_norm_on_device(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """:func:`clip_grad_norm` without reading the norm back to the host: the norm as a device
+    tensor, gradients scaled by ``min(1, max_norm / norm)`` on the device. Sharded (DTensor)
+    gradients fall back to :func:`clip_grad_norm`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or any(hasattr(g, "device_mesh") for g in grads):
+        return torch.tensor(clip_grad_norm(params, max_norm))
+    total = torch.nn.utils.get_total_norm(grads)
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None],
+                                             max_norm, total)
+    return total
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
     if not current().enabled:

@@ -61,7 +61,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig,
     # and devices without the kernel keep the foreach implementation.
     fusable = all(not hasattr(p, "device_mesh") and p.device.type in ("cpu", "cuda")
                   and p.is_floating_point() for p in params)
-    fused = config.fused == "on" or (config.fused == "auto" and fusable and bool(params))
+    fused = config.implementation == "fused" or (
+        config.implementation == "auto" and fusable and bool(params))
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                              **({"fused": True} if fused else {}))
 

@@ -6,6 +6,9 @@
 One step: batch -> device -> task loss (under autocast; GradCache when configured) -> backward
 -> gradient norm (clipped) -> skip if non-finite, else optimizer step + task.after_step + EMA
 -> scheduler -> metrics, progress bar, checkpoint every ``run.checkpoint_every`` steps.
+With ``train.host_sync=log`` (auto on CUDA) nothing of a step is read back to the host: the
+fused AdamW skips a non-finite step on the device, and loss, gradient norm and skipped steps
+are read once per ``run.log_every`` steps.
 
 ``make_loader(epoch)`` returns an iterable of batch dicts for that epoch (a DataLoader works
 too). For an exact ``run.resume`` it must be deterministic given the epoch: the Trainer records
@@ -75,6 +78,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.steps)
         self.ema = (ExponentialMovingAverage(self.model, config.train.ema_decay)
                     if config.train.ema_decay > 0 else None)
+        self.deferred_sync = self._resolve_host_sync(config.train.host_sync)
+        self._pending: list[dict[str, Any]] = []  # records not yet read back (host_sync=log)
+        self._window = (time.perf_counter(), 0)  # (since, samples) of the pending records
         self.progress = Progress()
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
                                     tensorboard=config.run.tensorboard)
@@ -98,11 +104,12 @@ class Trainer:
                 record = self.train_step(batch)
                 progress.step += 1
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1
-                progress.samples += record["samples"]
+                samples = record.pop("samples")
+                progress.samples += samples
                 now = time.perf_counter()  # the step's time includes waiting for its batch
                 elapsed, clock = max(now - clock, 1e-9), now
-                record.update(epoch=epoch, samples_per_s=record.pop("samples") / elapsed)
-                self._report(record, bar)
+                record.update(epoch=epoch, samples_per_s=samples / elapsed)
+                self._report(record, bar, samples)
                 if progress.step % self.config.run.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = progress.step
@@ -129,6 +136,8 @@ class Trainer:
                 loss, metrics = self.task.loss(self.wrapped, batch)
             loss.backward()  # DDP / FSDP average the gradients over ranks here...
         distributed.average_gradients(self.unsynced)  # ...except these
+        if self.deferred_sync:
+            return self._step_on_device(batch, loss, metrics)
         loss_value = distributed.mean_over_ranks(loss.detach().float()).item()
         grad_norm = self._clip_gradients()
 
@@ -153,7 +162,68 @@ class Trainer:
                 "skipped_steps": self.progress.skipped_steps,
                 **{k: _as_float(v) for k, v in metrics.items()}}
 
+    def _step_on_device(self, batch: dict, loss: torch.Tensor, metrics: dict[str, Any]
+                        ) -> dict[str, Any]:
+        """The rest of a step without reading anything back (``train.host_sync=log``): the
+        fused AdamW skips a non-finite step itself (``found_inf``), and the step's numbers stay
+        device tensors until :meth:`_flush` reads a window of them at once."""
+        loss_value = distributed.mean_over_ranks(loss.detach().float())
+        grad_norm = distributed.clip_grad_norm_on_device(
+            self.params, self.config.optim.grad_clip or math.inf)
+        bad = ~(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = bad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        # Unconditional (no host branch): a skipped step left the weights as they were, so the
+        # clamp changes nothing and the EMA moves towards the unchanged weights.
+        after_step = getattr(self.task, "after_step", None)
+        if after_step is not None:
+            after_step(self.wrapped)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.step()
+        return {"step": self.progress.step + 1, "loss": loss_value, "lr": lr,
+                "grad_norm": grad_norm, "bad": bad,
+                "samples": batch_rows(batch) * self.dist.world_size, **metrics}
+
+    def _flush(self) -> dict[str, Any] | None:
+        """Read the pending records back (one sync), count their skipped steps (stopping the
+        run after too many in a row) and return the last one, host values only."""
+        if not self._pending:
+            return None
+        tensors = [(k, v) for r in self._pending for k, v in r.items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1]
+        values = torch.stack([v.detach().float().reshape(()) for _, v in tensors]).tolist() \
+            if tensors else []
+        read = iter(values)
+        since, samples = self._window
+        throughput = samples / max(time.perf_counter() - since, 1e-9)
+        records, self._pending = self._pending, []
+        self._window = (time.perf_counter(), 0)
+        for record in records:
+            for key, value in record.items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    record[key] = next(read)
+            if record.pop("bad"):
+                self._count_bad_step(record["loss"], record["grad_norm"], record["step"])
+            else:
+                self.progress.bad_steps_in_row = 0
+            record["skipped_steps"] = self.progress.skipped_steps
+            record["samples_per_s"] = throughput  # the window's: its steps ran unsynchronised
+        return records[-1]
+
     # --- pieces of a step ------------------------------------------------------------------------
+
+    def _resolve_host_sync(self, choice: str) -> bool:
+        fused = bool(self.optimizer.defaults.get("fused"))
+        if choice == "log" and not fused:
+            raise ConfigError("train.host_sync=log needs the fused AdamW, which these parameters "
+                              "cannot use (FSDP-sharded?): set train.host_sync=step")
+        return choice == "log" or (choice == "auto" and fused and self.device.type == "cuda")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -164,24 +234,33 @@ class Trainer:
         """The global gradient norm (clipped to ``optim.grad_clip`` when that is > 0)."""
         return distributed.clip_grad_norm(self.params, self.config.optim.grad_clip or math.inf)
 
-    def _count_bad_step(self, loss_value: float, grad_norm: float) -> None:
+    def _count_bad_step(self, loss_value: float, grad_norm: float,
+                        step: int | None = None) -> None:
         progress, limit = self.progress, self.config.train.max_bad_steps
+        step = progress.step + 1 if step is None else step
         progress.skipped_steps += 1
         progress.bad_steps_in_row += 1
         if self.dist.is_main:
             from tqdm import tqdm
 
-            tqdm.write(f"step {progress.step + 1}: non-finite loss {loss_value} / gradient norm "
+            tqdm.write(f"step {step}: non-finite loss {loss_value} / gradient norm "
                        f"{grad_norm}; step skipped ({progress.skipped_steps} so far)")
         if progress.bad_steps_in_row > limit:
             raise TrainingError(
                 f"{progress.bad_steps_in_row} non-finite losses in a row (step "
-                f"{progress.step + 1}); stopping. Lower optim.lr, raise optim.warmup_steps, try "
+                f"{step}); stopping. Lower optim.lr, raise optim.warmup_steps, try "
                 f"train.precision=fp32 or check the data; train.max_bad_steps={limit} sets how "
                 f"many are tolerated. Resume from the last checkpoint with run.resume=true.")
 
-    def _report(self, record: dict[str, Any], bar) -> None:
+    def _report(self, record: dict[str, Any], bar, samples: int = 0) -> None:
         bar.update(1)
+        if self.deferred_sync:
+            since, counted = self._window
+            self._window = (since, counted + samples)
+            self._pending.append(record)
+            if self.progress.step % self.config.run.log_every:
+                return
+            record = self._flush()
         if record["loss"] is not None and math.isfinite(record["loss"]):
             bar.set_postfix(loss=f"{record['loss']:.4f}",
                             samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
@@ -231,6 +310,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a run checkpoint for the current step (every rank must call this)."""
+        self._flush()  # host_sync=log: skipped steps counted before they are saved
         path = run_state.save_run_state(
             run_state.checkpoint_path(self.run_dir, self.progress.step), model=self.wrapped,
             optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
