@@ -9,8 +9,11 @@ Three parts, each optional (default: all, with sizes that finish in minutes on 2
   produces); for each size, exact (flat) vs HNSW per ``ef_search`` (and optionally IVF-PQ): build
   time, single-query latency p50/p99 and recall@10 against exact search.
 * ``server``: the real server (uvicorn, in a subprocess) under C concurrent loopback clients,
-  dynamic batching on (``max_batch``) vs off (``max_batch=1``): requests/s, latency p50/p99 and
-  the mean batch size the model saw.
+  dynamic batching on (``max_batch``) vs off (``max_batch=1``), interleaved over ``--repeats``
+  runs (on, off, on, off, ...; a fresh server each run): requests/s, latency p50/p99, the mean
+  batch size the model saw and the server's CPU time per request, each run and the medians, and
+  the ratio of the medians. The load average is printed at the start and the end: on a shared
+  machine the ratios mean more than the absolute numbers.
 
     python benchmarks/bench_search.py                                   # all, small sizes
     python benchmarks/bench_search.py --parts vectors --sizes 10000,100000,1000000
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +61,13 @@ def make_checkpoint(preset: str, out: Path) -> Path:
     import torch
 
     import imagefm
-    from imagefm.models.dual_encoder import DualEncoder
+    from imagefm.models.dual_encoder import DualEncoder, fit_text_to_tokenizer
 
     torch.manual_seed(0)
-    config = imagefm.preset(preset)
-    model = DualEncoder(config)
-    model.tokenizer = tiny_tokenizer(config.text.context_length)
+    base = imagefm.preset(preset)
+    tokenizer = tiny_tokenizer(base.text.context_length)
+    model = DualEncoder(fit_text_to_tokenizer(base, tokenizer))
+    model.tokenizer = tokenizer
     model.save_pretrained(out)
     return out
 
@@ -202,7 +207,8 @@ import sys, uvicorn, imagefm
 from imagefm.serve import ServeSettings, create_app
 model = imagefm.load(sys.argv[1]).to(sys.argv[5]).eval()
 settings = ServeSettings(port=int(sys.argv[2]), max_batch=int(sys.argv[3]),
-                         max_wait_ms=float(sys.argv[4]), max_queue=4096, timeout_s=120)
+                         max_wait_ms=float(sys.argv[4]), max_queue=4096, timeout_s=120,
+                         **({"decode_threads": int(sys.argv[6])} if int(sys.argv[6]) else {}))
 uvicorn.run(create_app(model, settings=settings), host="127.0.0.1", port=settings.port,
             log_level="warning", access_log=False)
 """
@@ -260,14 +266,21 @@ def request_bodies(kind: str, image_px: int) -> list[bytes]:
     return bodies
 
 
-async def load(port: int, bodies: list[bytes], clients: int, duration: float,
-               warmup: float) -> tuple[list[float], int, float]:
-    """C clients posting back to back; latencies (ms) of requests finished after warm-up."""
+async def load(port: int, bodies: list[bytes], clients: int, duration: float, warmup: float,
+               on_measure: Callable[[], None] | None = None
+               ) -> tuple[list[float], int, float]:
+    """C clients posting back to back; latencies (ms) of requests finished after warm-up.
+    ``on_measure`` is called when the warm-up ends (and the measured time starts)."""
     latencies: list[float] = []
     errors = 0
     started = time.perf_counter()
     measure_from = started + warmup
     stop_at = measure_from + duration
+
+    async def mark() -> None:
+        await asyncio.sleep(warmup)
+        if on_measure is not None:
+            on_measure()
 
     async def client(number: int) -> None:
         nonlocal errors
@@ -285,7 +298,7 @@ async def load(port: int, bodies: list[bytes], clients: int, duration: float,
         finally:
             connection.close()
 
-    await asyncio.gather(*(client(n) for n in range(clients)))
+    await asyncio.gather(mark(), *(client(n) for n in range(clients)))
     return latencies, errors, time.perf_counter() - measure_from
 
 
@@ -311,40 +324,86 @@ def server_stats(port: int) -> dict:
         return json.loads(response.read())["batching"]
 
 
-def bench_server(args: argparse.Namespace, work: Path) -> None:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def run_server_once(args: argparse.Namespace, checkpoint: Path, bodies: list[bytes], kind: str,
+                    max_batch: int, env: dict[str, str]) -> dict[str, float]:
+    """One fresh server process under load: req/s, p50/p99 ms, mean batch, errors, and the
+    server's CPU milliseconds per request (its share of a busy machine varies; this does not)."""
     import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(checkpoint), str(port), str(max_batch),
+         str(args.max_wait_ms), args.device, str(args.decode_threads)], env=env)
+    try:
+        wait_for_server(port, process)
+        cpu: list[float | None] = []
+        latencies, errors, seconds = asyncio.run(
+            load(port, bodies, args.clients, args.duration, args.warmup,
+                 on_measure=lambda: cpu.append(cpu_seconds(process.pid))))
+        cpu_before, cpu_after = cpu[0], cpu_seconds(process.pid)
+        stats = server_stats(port)["text" if kind == "text" else "image"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    cpu_ms = (float("nan") if cpu_before is None or cpu_after is None
+              else 1000 * (cpu_after - cpu_before) / max(1, len(latencies)))
+    return {"rps": len(latencies) / seconds, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "batch": stats["mean_size"], "errors": errors,
+            "cpu_ms": cpu_ms}
+
+
+def bench_server(args: argparse.Namespace, work: Path) -> None:
     checkpoint = Path(args.model) if args.model else make_checkpoint(args.preset, work / "srv")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
                                                        os.environ.get("PYTHONPATH", "")])}
+    if args.server_threads:
+        env["OMP_NUM_THREADS"] = str(args.server_threads)  # torch's intra-op threads
+    modes = (("batching on", args.max_batch), ("batching off", 1))
     print(f"server: {args.model or args.preset}, {args.clients} concurrent clients, "
-          f"{args.duration:g} s per run after {args.warmup:g} s warm-up, device {args.device}")
+          f"{args.duration:g} s per run after {args.warmup:g} s warm-up, device {args.device}, "
+          f"{args.repeats} repeats (on and off interleaved), decode threads "
+          f"{args.decode_threads or 'default'}, torch threads {args.server_threads or 'default'}; "
+          f"{load_average()}")
     for kind in args.server_inputs.split(","):
         bodies = request_bodies(kind, args.image_px)
-        results = {}
-        for label, max_batch in (("batching on", args.max_batch), ("batching off", 1)):
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            process = subprocess.Popen(
-                [sys.executable, "-c", SERVER_SCRIPT, str(checkpoint), str(port), str(max_batch),
-                 str(args.max_wait_ms), args.device], env=env)
-            try:
-                wait_for_server(port, process)
-                latencies, errors, seconds = asyncio.run(
-                    load(port, bodies, args.clients, args.duration, args.warmup))
-                stats = server_stats(port)["text" if kind == "text" else "image"]
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
-            throughput = len(latencies) / seconds
-            results[label] = throughput
-            print(f"  {kind:5s} {label:12s} max_batch={max_batch:<3d} {throughput:8.1f} req/s  "
-                  f"p50 {percentile(latencies, 50):7.1f} ms  p99 {percentile(latencies, 99):7.1f}"
-                  f" ms  mean batch {stats['mean_size']:5.1f}  errors {errors}")
-        ratio = results["batching on"] / results["batching off"]
-        print(f"  {kind:5s} dynamic batching: {ratio:.2f}x the throughput of one request at a "
-              "time")
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in modes}
+        for repeat in range(args.repeats):
+            for label, max_batch in modes:
+                run = run_server_once(args, checkpoint, bodies, kind, max_batch, env)
+                runs[label].append(run)
+                print(f"  {kind:5s} {label:12s} run {repeat + 1}  max_batch={max_batch:<3d} "
+                      f"{run['rps']:8.1f} req/s  p50 {run['p50']:7.1f} ms  p99 "
+                      f"{run['p99']:7.1f} ms  mean batch {run['batch']:5.1f}  server CPU "
+                      f"{run['cpu_ms']:6.2f} ms/req  errors {run['errors']:.0f}")
+        medians = {label: {key: float(np.median([r[key] for r in results]))
+                           for key in results[0]} for label, results in runs.items()}
+        for label, m in medians.items():
+            print(f"  {kind:5s} {label:12s} median     {m['rps']:8.1f} req/s  p50 {m['p50']:7.1f}"
+                  f" ms  p99 {m['p99']:7.1f} ms  mean batch {m['batch']:5.1f}  server CPU "
+                  f"{m['cpu_ms']:6.2f} ms/req")
+        on, off = medians["batching on"], medians["batching off"]
+        print(f"  {kind:5s} dynamic batching: {on['rps'] / off['rps']:.2f}x the throughput of one "
+              f"request at a time (ratio of medians); {off['cpu_ms'] / on['cpu_ms']:.2f}x less "
+              f"server CPU per request")
+    print(f"server: done; {load_average()}")
 
 
 def main() -> None:
@@ -371,6 +430,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--server-inputs", default="text,image")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="server: runs per mode, on and off interleaved; medians reported")
+    parser.add_argument("--decode-threads", type=int, default=0,
+                        help="server: image decoding threads (0: the server's default)")
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="server: torch intra-op threads (OMP_NUM_THREADS; 0: torch default)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")

@@ -144,3 +144,23 @@ def test_timeout_is_504_and_a_full_queue_is_503() -> None:
         time.sleep(0.6)  # the server recovers once the queue drains
         model.delay = 0.0
         assert post(0).status_code == 200
+
+
+def test_the_official_openai_client_reads_our_embeddings() -> None:
+    openai = pytest.importorskip("openai")
+    model = ColourModel()
+    with serve_in_thread(create_app(model, settings=ServeSettings(api_key="sesame"))) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
+        texts = client.embeddings.create(model="colourmodel", input=["red", "빨간색"])
+        url = "data:image/png;base64," + base64.b64encode(image_bytes("red")).decode()
+        image = client.embeddings.create(model="colourmodel", input=url,
+                                         extra_body={"input_type": "image"})
+        packed = client.embeddings.create(model="colourmodel", input="red",
+                                          encoding_format="base64")
+    assert [d.index for d in texts.data] == [0, 1] and texts.usage.total_tokens > 0
+    red, korean_red = (np.array(d.embedding) for d in texts.data)
+    assert red @ korean_red > 0.99  # the fixture embeds colour words alike in both languages
+    assert np.array(image.data[0].embedding) @ red > 0.99
+    # asked for explicitly, base64 comes back as sent: little-endian float32, as OpenAI's
+    unpacked = np.frombuffer(base64.b64decode(packed.data[0].embedding), dtype="<f4")
+    assert np.allclose(unpacked, red, atol=1e-6)

@@ -96,7 +96,7 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
 
     @v1.post("/embeddings", response_model=schemas.EmbeddingResponse)
-    async def embeddings(body: schemas.EmbeddingRequest) -> schemas.EmbeddingResponse:
+    async def embeddings(body: schemas.EmbeddingRequest) -> Response:
         check_model(body.model)
         items = [body.input] if isinstance(body.input, str) else list(body.input)
         if not items:
@@ -121,9 +121,12 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
                 vectors[i] = vector
         data = [schemas.Embedding(index=i, embedding=_encode_vector(v, body.encoding_format))
                 for i, v in enumerate(vectors)]
-        return schemas.EmbeddingResponse(data=data, model=name,
-                                         usage=schemas.Usage(prompt_tokens=tokens,
-                                                             total_tokens=tokens))
+        reply = schemas.EmbeddingResponse(data=data, model=name,
+                                          usage=schemas.Usage(prompt_tokens=tokens,
+                                                              total_tokens=tokens))
+        # Serialised here: FastAPI would validate the reply against response_model again and
+        # encode it through jsonable_encoder, 0.22 ms per 512-d vector against 0.05 ms.
+        return Response(reply.model_dump_json(), media_type="application/json")
 
     @v1.post("/classify", response_model=schemas.ClassifyResponse)
     async def classify(body: schemas.ClassifyRequest) -> schemas.ClassifyResponse:
