@@ -155,3 +155,20 @@ def test_generate_none_gives_float_layers_of_a_quantised_checkpoint(
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(dense.generate(ids, max_new_tokens=4, eos_token_id=[]),
                        model.generate(ids, max_new_tokens=4, eos_token_id=[]))
+
+
+def test_a_quantised_checkpoint_loads_as_float_where_no_kernel_can_be_built(
+        tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagefm.models import quantized
+
+    model = quantize_model(imagefm.load(tiny_llama_dir), "q4_1")
+    model.save_pretrained(tmp_path / "q")
+    monkeypatch.setattr(quantized, "kernel_status", lambda: (False, "no C compiler 'cc'"))
+    with pytest.warns(UserWarning, match="no C compiler"):
+        dense = imagefm.load(tmp_path / "q")
+    assert not is_quantized(dense)  # the same weights as float layers, not slow block layers
+    assert torch.equal(dense.blocks[0].mlp.gate_proj.weight,
+                       model.blocks[0].mlp.gate_proj.dequantize())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(dense.generate(ids, max_new_tokens=4, eos_token_id=[]),
+                       model.generate(ids, max_new_tokens=4, eos_token_id=[]))

@@ -183,7 +183,8 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
     config = parse_config(meta["config"])
     model = cls(config, card) if card is not None else cls(config)
     state = load_state_dict_file(directory / WEIGHTS_FILE)
-    if any(k.endswith(".qweight") for k in state):  # a quantised LM (imagefm quantize)
+    quantized = any(k.endswith(".qweight") for k in state)  # a quantised LM (imagefm quantize)
+    if quantized:
         from imagefm.models.quantized import install_quantized
 
         install_quantized(model, state)
@@ -198,6 +199,10 @@ def load_imagefm(directory: str | Path, *, strict: bool = True) -> torch.nn.Modu
                               f"mis-shaped {shapes[:10]}")
     usable = {k: v for k, v in state.items() if k in expected and k not in misshaped}
     model.load_state_dict(usable, strict=False)
+    if quantized:
+        from imagefm.models.quantized import use_float_without_kernel
+
+        use_float_without_kernel(model)
     if meta.get("tokenizer") is not None:
         from imagefm.tokenizer import Tokenizer
 

@@ -630,8 +630,7 @@ def dequantize_decoder(model: DecoderLM) -> DecoderLM:
 def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put quantised layers where a saved state dict holds blocks (``<layer>.qweight``), in
     every DecoderLM inside ``model`` (itself, or a VLM's ``lm``), so that the state loads into
-    a freshly built model. Without the kernel the layers are dequantised again (same weights,
-    float speed) with a warning."""
+    a freshly built model (then :func:`use_float_without_kernel`)."""
     from imagefm.models.decoder import DecoderLM
 
     suffix = ".qweight"
@@ -656,11 +655,21 @@ def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if not layers and head is None:
             continue
         replace_linears(decoder, layers, head)
-        available, why = kernel_status()
-        if not available:
-            warnings.warn(f"quantised matmul kernel unavailable, using the float weights of the "
-                          f"quantised checkpoint: {why}", stacklevel=2)
-            dequantize_decoder(decoder)
+
+
+def use_float_without_kernel(model: nn.Module) -> None:
+    """Where the kernel cannot be built, dequantise the quantised layers of every DecoderLM in
+    ``model`` (the same weights as float layers: blocks would be multiplied by dequantising
+    them on every call), with a warning saying why."""
+    from imagefm.models.decoder import DecoderLM
+
+    available, why = kernel_status()
+    if available or not is_quantized(model):
+        return
+    warnings.warn(f"quantised matmul kernel unavailable, using the float weights of the "
+                  f"quantised checkpoint: {why}", stacklevel=2)
+    for decoder in [m for m in model.modules() if isinstance(m, DecoderLM)]:
+        dequantize_decoder(decoder)
 
 
 def quantize_model(model: nn.Module, kind: str = "q4_1", head: str | None = "q8_0"
