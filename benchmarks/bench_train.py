@@ -111,6 +111,23 @@ def step_flops(cfg: DualEncoderConfig, batch: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
+def profile_steps(step: Step, count: int, device: str, rows: int = 25) -> None:
+    """Where a step's time goes: the ops with the most self time over ``count`` steps (GPU
+    kernels on CUDA, CPU ops otherwise), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(count):
+            step()
+        sync(device)
+    table = prof.key_averages()
+    print(f"\nprofile of {count} imagefm steps (self time, top {rows}):")
+    print(table.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                      row_limit=rows))
+
+
 def child_memory(args: argparse.Namespace, side: str) -> dict[str, float]:
     """Run one side alone in a child process; its peak RSS growth over the training steps."""
     command = [sys.executable, __file__, "--child", side, "--preset", args.preset,
@@ -150,6 +167,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--optimizer", default="auto", choices=("auto", "fused", "foreach"),
                         help="imagefm's AdamW kernel (optim.implementation)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many imagefm steps (top ops by self time)")
     parser.add_argument("--host-sync", default="auto", choices=("auto", "step", "log"),
                         help="imagefm's train.host_sync (log: no read-back in the step)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
@@ -181,6 +200,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             times[name].append(timed(steps[name], args.iters, args.device))
+    if args.profile and "imagefm" in steps:
+        profile_steps(steps["imagefm"], args.profile, args.device)
     if not args.device.startswith("cuda") and not args.no_memory:
         del steps  # the children measure memory; free this process's models first
         peaks = {name: child_memory(args, name) for name in names}

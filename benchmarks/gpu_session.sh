@@ -39,7 +39,7 @@ else
     part train-step 180 benchmarks/bench_train.py "${base[@]}" --only imagefm
 fi
 part train-step-before 150 benchmarks/bench_train.py "${base[@]}" --only imagefm \
-    --optimizer foreach --host-sync step
+    --optimizer foreach --host-sync step --profile 3
 if has fastapi && has uvicorn; then
     part serve-small-cuda 120 benchmarks/bench_search.py --parts server --preset small \
         --device cuda --clients 32 --duration 6 --warmup 2 --repeats 2
