@@ -34,12 +34,12 @@ part() {  # part NAME SECONDS ARGS...: one benchmark under its own time limit
 
 base=(--preset base --batch 256 --device cuda --compile --repeats 5 --iters 5 --warmup 3)
 if has open_clip; then
-    part train-step 240 benchmarks/bench_train.py "${base[@]}"
+    part train-step 240 benchmarks/bench_train.py "${base[@]}" --profile 3
 else
-    part train-step 180 benchmarks/bench_train.py "${base[@]}" --only imagefm
+    part train-step 180 benchmarks/bench_train.py "${base[@]}" --only imagefm --profile 3
 fi
 part train-step-before 150 benchmarks/bench_train.py "${base[@]}" --only imagefm \
-    --optimizer foreach --host-sync step --profile 3
+    --optimizer foreach --host-sync step
 if has fastapi && has uvicorn; then
     part serve-small-cuda 120 benchmarks/bench_search.py --parts server --preset small \
         --device cuda --clients 32 --duration 6 --warmup 2 --repeats 2
