@@ -24,9 +24,11 @@ class ConfigError(ValueError):
     """A configuration is invalid; the message says which field and what to change."""
 
 
-def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    """Refuse ``value`` for the setting ``key`` (e.g. ``"vision.pool"``) unless it is one of
+    ``choices``; every config in imagefm words this error the same way."""
     if value not in choices:
-        raise ConfigError(f"{owner}.{name} = {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -58,10 +60,10 @@ class VisionConfig:
     model_type: str = "vit"  # the tower kind (see VISION_CONFIGS)
 
     def __post_init__(self) -> None:
-        _check_choice("vision", "model_type", self.model_type, ("vit",))
-        _check_choice("vision", "act", self.act, ACTIVATIONS)
-        _check_choice("vision", "pool", self.pool, VISION_POOLS)
-        _check_choice("vision", "stem", self.stem, ("patch", "conv"))
+        check_choice("vision.model_type", self.model_type, ("vit",))
+        check_choice("vision.act", self.act, ACTIVATIONS)
+        check_choice("vision.pool", self.pool, VISION_POOLS)
+        check_choice("vision.stem", self.stem, ("patch", "conv"))
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
             raise ConfigError(f"vision.stem = 'conv' needs a power-of-two patch_size >= 2, "
                               f"got {self.patch_size}")
@@ -106,9 +108,9 @@ class TextConfig:
     model_type: str = "transformer"  # the tower kind (see TEXT_CONFIGS)
 
     def __post_init__(self) -> None:
-        _check_choice("text", "model_type", self.model_type, ("transformer",))
-        _check_choice("text", "act", self.act, ACTIVATIONS)
-        _check_choice("text", "pool", self.pool, TEXT_POOLS)
+        check_choice("text.model_type", self.model_type, ("transformer",))
+        check_choice("text.act", self.act, ACTIVATIONS)
+        check_choice("text.pool", self.pool, TEXT_POOLS)
         _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
                         width=self.width, layers=self.layers, heads=self.heads,
                         mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
@@ -140,8 +142,8 @@ class EfficientNetLiteConfig:
     in_channels: int = 3
 
     def __post_init__(self) -> None:
-        _check_choice("vision", "model_type", self.model_type, ("efficientnet_lite",))
-        _check_choice("vision", "act", self.act, ("relu6", *ACTIVATIONS))
+        check_choice("vision.model_type", self.model_type, ("efficientnet_lite",))
+        check_choice("vision.act", self.act, ("relu6", *ACTIVATIONS))
         _check_positive("vision", image_size=self.image_size, width=self.width,
                         width_coefficient=self.width_coefficient,
                         depth_coefficient=self.depth_coefficient,
@@ -170,9 +172,9 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("text", "model_type", self.model_type, ("bert",))
-        _check_choice("text", "act", self.act, ACTIVATIONS)
-        _check_choice("text", "pool", self.pool, ("mean", "first"))
+        check_choice("text.model_type", self.model_type, ("bert",))
+        check_choice("text.act", self.act, ACTIVATIONS)
+        check_choice("text.pool", self.pool, ("mean", "first"))
         _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
                         max_positions=self.max_positions, type_vocab_size=self.type_vocab_size,
                         width=self.width, layers=self.layers, heads=self.heads,
@@ -195,8 +197,7 @@ def _tower_config(kinds: dict[str, type], data: Any, owner: str) -> Any:
     if not isinstance(data, dict):
         return data  # already a config object
     kind = data.get("model_type", next(iter(kinds)))
-    if kind not in kinds:
-        raise ConfigError(f"{owner}.model_type = {kind!r} is not one of {', '.join(kinds)}")
+    check_choice(f"{owner}.model_type", kind, tuple(kinds))
     return from_dict(kinds[kind], data, owner)
 
 
@@ -212,8 +213,8 @@ class ImageCard:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
-        _check_choice("preprocess", "resize_mode", self.resize_mode, RESIZE_MODES)
-        _check_choice("preprocess", "interpolation", self.interpolation, INTERPOLATIONS)
+        check_choice("preprocess.resize_mode", self.resize_mode, RESIZE_MODES)
+        check_choice("preprocess.interpolation", self.interpolation, INTERPOLATIONS)
         _check_positive("preprocess", image_size=self.image_size)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("preprocess.mean and preprocess.std need three values (RGB)")
@@ -244,9 +245,9 @@ class DualEncoderConfig:
     init_logit_bias: float | None = None  # SigLIP: -10
 
     def __post_init__(self) -> None:
-        _check_choice("model", "model_type", self.model_type, ("clip", "siglip"))
-        _check_choice("model", "image_projection", self.image_projection, PROJECTIONS)
-        _check_choice("model", "text_projection", self.text_projection, PROJECTIONS)
+        check_choice("model.model_type", self.model_type, ("clip", "siglip"))
+        check_choice("model.image_projection", self.image_projection, PROJECTIONS)
+        check_choice("model.text_projection", self.text_projection, PROJECTIONS)
         _check_positive("model", embed_dim=self.embed_dim)
         if self.image_projection == "none" and self.vision.width != self.embed_dim:
             raise ConfigError(f"model.image_projection = 'none' needs vision.width "

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from imagefm.config import ConfigError, from_dict
+from imagefm.config import ConfigError, check_choice, from_dict
 
 MODEL_TYPES = ("llama", "qwen2")
 ROPE_SCALINGS = ("default", "linear", "llama3")
@@ -53,12 +53,8 @@ class DecoderConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"decoder.model_type = {self.model_type!r} is not one of "
-                              f"{', '.join(MODEL_TYPES)}")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ConfigError(f"decoder.rope_scaling = {self.rope_scaling!r} is not one of "
-                              f"{', '.join(ROPE_SCALINGS)}")
+        check_choice("decoder.model_type", self.model_type, MODEL_TYPES)
+        check_choice("decoder.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         if self.act != "silu":
             raise ConfigError(f"decoder.act = {self.act!r}: Llama/Qwen2 MLPs use 'silu'")
         for name in ("vocab_size", "width", "layers", "heads", "kv_heads", "mlp_dim",

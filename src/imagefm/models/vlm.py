@@ -28,6 +28,7 @@ from imagefm.config import (
     ImageCard,
     VisionConfig,
     _tower_config,
+    check_choice,
     from_dict,
 )
 from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
@@ -59,12 +60,8 @@ class VLMConfig:
     vision_feature_select: str = "default"
 
     def __post_init__(self) -> None:
-        if self.projector not in PROJECTORS:
-            raise ConfigError(f"vlm.projector = {self.projector!r} is not one of "
-                              f"{', '.join(PROJECTORS)}")
-        if self.vision_feature_select not in FEATURE_SELECTS:
-            raise ConfigError(f"vlm.vision_feature_select = {self.vision_feature_select!r} is "
-                              f"not one of {', '.join(FEATURE_SELECTS)}")
+        check_choice("vlm.projector", self.projector, PROJECTORS)
+        check_choice("vlm.vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         if self.pixel_shuffle < 1 or (self.projector == "mlp2x_gelu" and self.pixel_shuffle != 1):
             raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle}: use 1 with the "
                               f"mlp2x_gelu projector, or a factor >= 1 with pixel_shuffle")

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from imagefm.config import ConfigError
+from imagefm.config import ConfigError, check_choice
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -355,11 +355,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
-
-
 def _at_least(minimum: float, **values: float) -> None:
     for key, value in values.items():
         if value < minimum:
@@ -373,17 +368,17 @@ def validate(c: TrainConfig) -> None:
     if c.model.init is None and c.model.preset not in PRESETS:
         raise ConfigError(f"model.preset = {c.model.preset!r} is unknown; choose one of "
                           f"{', '.join(sorted(PRESETS))} (or set model.init to a checkpoint)")
-    _choice("run.device", c.run.device, DEVICES)
-    _choice("task.name", c.task.name, TASKS)
-    _choice("task.loss", c.task.loss, LOSSES)
-    _choice("train.precision", c.train.precision, PRECISIONS)
-    _choice("optim.implementation", c.optim.implementation, OPTIMIZER_IMPLEMENTATIONS)
-    _choice("train.host_sync", c.train.host_sync, HOST_SYNCS)
+    check_choice("run.device", c.run.device, DEVICES)
+    check_choice("task.name", c.task.name, TASKS)
+    check_choice("task.loss", c.task.loss, LOSSES)
+    check_choice("train.precision", c.train.precision, PRECISIONS)
+    check_choice("optim.implementation", c.optim.implementation, OPTIMIZER_IMPLEMENTATIONS)
+    check_choice("train.host_sync", c.train.host_sync, HOST_SYNCS)
     if c.train.host_sync == "log" and c.optim.implementation == "foreach":
         raise ConfigError("train.host_sync=log skips non-finite steps inside the fused AdamW: "
                           "set optim.implementation to auto or fused, or train.host_sync to step")
-    _choice("train.strategy", c.train.strategy, STRATEGIES)
-    _choice("stage.preset", c.stage.preset, tuple(STAGE_PRESETS))
+    check_choice("train.strategy", c.train.strategy, STRATEGIES)
+    check_choice("stage.preset", c.stage.preset, tuple(STAGE_PRESETS))
     _at_least(1, run__checkpoint_every=c.run.checkpoint_every, run__keep_last=c.run.keep_last,
               run__log_every=c.run.log_every, train__steps=c.train.steps,
               data__batch_size=c.data.batch_size, train__max_bad_steps=c.train.max_bad_steps)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from imagefm.config import ConfigError
+from imagefm.config import ConfigError, check_choice
 from imagefm.data.records import IMAGE_TOKEN, Record
 from imagefm.train.config import TrainConfig
 from imagefm.train.data import (
@@ -62,8 +62,7 @@ class SyntheticConversations:
                  langs: Sequence[str] = ("en", "ko"), qa_per_image: int = 3,
                  style: dict[str, Any] | None = None, examples_per_epoch: int = 100_000,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if kind not in KINDS:
-            raise ConfigError(f"data.options.kind = {kind!r} is not one of {', '.join(KINDS)}")
+        check_choice("data.options.kind", kind, KINDS)
         unknown = sorted(set(langs) - set(DESCRIBE))
         if unknown or not langs:
             raise ConfigError(f"data.options.langs = {list(langs)}: choose from "
