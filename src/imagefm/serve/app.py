@@ -82,18 +82,9 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
     engine = Engine(model, processor, index, settings, name)
     created = int(time.time())
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        try:
-            yield
-        finally:
-            await engine.stop()
-
-    app = new_app(settings, lifespan)
-    app.state.engine = engine
+    app = new_app(settings, engine)
     check_model = model_checker(name)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
+    v1 = v1_router(settings)
 
     @v1.post("/embeddings", response_model=schemas.EmbeddingResponse)
     async def embeddings(body: schemas.EmbeddingRequest) -> Response:
@@ -224,14 +215,32 @@ def create_app(model: Any, processor: Any = None, index: Any = None,
     return app
 
 
-def new_app(settings: ServeSettings, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
-    """A FastAPI app with the size limit, security headers and JSON error handlers."""
+def new_app(settings: ServeSettings, engine: Any) -> FastAPI:
+    """A FastAPI app with the size limit, security headers and JSON error handlers, whose
+    lifespan starts ``engine`` (where it has a ``start``) and stops it; ``app.state.engine``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start = getattr(engine, "start", None)
+        if start is not None:
+            await start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
     # No /docs or /redoc: they load their scripts from a CDN, which the page policy forbids.
     app = FastAPI(title="imagefm", version=_version(), lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     app.add_middleware(LimitsAndHeaders, max_bytes=settings.max_request_bytes)
     _install_error_handlers(app)
+    app.state.engine = engine
     return app
+
+
+def v1_router(settings: ServeSettings) -> APIRouter:
+    """The /v1 router, guarded by the API key when one is set."""
+    return APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
 
 
 def key_dependency(settings: ServeSettings) -> Callable[..., Awaitable[None]]:

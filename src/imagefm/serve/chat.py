@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from imagefm.apps.vlm_chat import (
@@ -41,7 +41,7 @@ from imagefm.apps.vlm_chat import (
     language_model,
 )
 from imagefm.serve import schemas
-from imagefm.serve.app import ApiError, key_dependency, model_checker, new_app
+from imagefm.serve.app import ApiError, model_checker, new_app, v1_router
 from imagefm.serve.batching import QueueFullError
 from imagefm.serve.engine import BadInput, decode_base64_image
 from imagefm.serve.settings import ServeSettings
@@ -190,17 +190,9 @@ def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: s
     engine = ChatEngine(model, processor, settings)
     created = int(time.time())
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await engine.stop()
-
-    app = new_app(settings, lifespan)
-    app.state.engine = engine
+    app = new_app(settings, engine)
     check_model = model_checker(name)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_dependency(settings))])
+    v1 = v1_router(settings)
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(body: schemas.ChatCompletionRequest
