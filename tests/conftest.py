@@ -62,3 +62,18 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def tiny_vlm(tiny_llama_dir: Path):
+    """A VLM of a tiny random ViT (32 px, 8 px patches) and the tiny Llama above: 16 patches
+    merged 2x2 by the pixel-shuffle projector into 4 image tokens."""
+    import imagefm
+    from imagefm.config import VisionConfig
+    from imagefm.models.vit import VisionTransformer
+    from imagefm.models.vlm import compose_vlm
+
+    tower = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64,
+                         act="gelu")
+    return compose_vlm(VisionTransformer(tower), imagefm.load(tiny_llama_dir),
+                       projector="pixel_shuffle", pixel_shuffle=2).eval()

@@ -23,14 +23,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lit-effnet.yaml"
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _png(colour: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (20, 12), colour).save(buffer, format="PNG")

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 import imagefm
 from imagefm.cli import app
-from imagefm.config import VisionConfig
 from imagefm.convert.llama import config_to_hf_lm, hf_lm_state_dict
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
@@ -25,22 +24,11 @@ from imagefm.models.quantized import (
     kernel_status,
     quantize_model,
 )
-from imagefm.models.vit import VisionTransformer
-from imagefm.models.vlm import VLM, compose_vlm
+from imagefm.models.vlm import VLM
 from imagefm.vlm_processor import VLMProcessor
 
 pytestmark = pytest.mark.skipif(not kernel_status()[0],
                                 reason=f"no quantised kernel: {kernel_status()[1]}")
-
-TOWER = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64,
-                     act="gelu")
-
-
-@pytest.fixture
-def tiny_vlm(tiny_llama_dir: Path) -> VLM:
-    lm = imagefm.load(tiny_llama_dir)
-    return compose_vlm(VisionTransformer(TOWER), lm, projector="pixel_shuffle",
-                       pixel_shuffle=2).eval()
 
 
 def _prompt(vlm: VLM) -> dict[str, torch.Tensor]:

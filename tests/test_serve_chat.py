@@ -11,7 +11,6 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,24 +23,12 @@ openai = pytest.importorskip("openai")
 
 from test_search_fixtures import serve_in_thread  # noqa: E402
 
-import imagefm  # noqa: E402
 from imagefm.apps.vlm_chat import GenerationOptions, Reply, build_prompt, stream_reply  # noqa: E402
-from imagefm.config import VisionConfig  # noqa: E402
-from imagefm.models.vit import VisionTransformer  # noqa: E402
-from imagefm.models.vlm import VLM, compose_vlm  # noqa: E402
+from imagefm.models.vlm import VLM  # noqa: E402
 from imagefm.serve import ServeSettings, create_app  # noqa: E402
 
-TOWER = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64,
-                     act="gelu")
 N = 10
 QUESTION = "What is in this picture?"
-
-
-@pytest.fixture
-def tiny_vlm(tiny_llama_dir: Path) -> VLM:
-    lm = imagefm.load(tiny_llama_dir)
-    return compose_vlm(VisionTransformer(TOWER), lm, projector="pixel_shuffle",
-                       pixel_shuffle=2).eval()
 
 
 def png(seed: int) -> bytes:

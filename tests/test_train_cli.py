@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -22,15 +21,6 @@ model:
 data: {batch_size: 4}
 train: {steps: 2, precision: fp32}
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the shared machine's cores stay free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -21,15 +21,6 @@ from imagefm.train.stages import apply_stage
 SMALL = {"layers": 2, "width": 32, "heads": 2, "mlp_dim": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the shared machine's cores stay free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(name: str = "tiny") -> DualEncoder:
     base = preset(name)
     vision = base.vision.__class__(**{**base.vision.__dict__, **SMALL, "image_size": 16})

@@ -21,15 +21,6 @@ TINY_MODEL = ("model.config={embed_dim: 32, "
               "mlp_dim: 64}}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the shared machine's cores stay free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_config(tmp_path, *overrides: str):
     return load_config(None, [TINY_MODEL, f"run.output_dir={tmp_path}", "run.progress=false",
                               "run.tensorboard=false", "train.precision=fp32",

@@ -13,7 +13,6 @@ import imagefm
 from imagefm.config import VisionConfig
 from imagefm.models.decoder import IGNORE_INDEX
 from imagefm.models.projector import Projector, pixel_shuffle
-from imagefm.models.vit import VisionTransformer
 from imagefm.models.vlm import VLM, VLMConfig, compose_vlm
 from imagefm.vlm_processor import VLMProcessor
 
@@ -36,12 +35,6 @@ def test_projector_kinds_and_token_counts() -> None:
     assert Projector("mlp2x_gelu", 32, 48)(torch.zeros(2, 16, 32)).shape == (2, 16, 48)
     assert Projector("pixel_shuffle", 32, 48, factor=2)(torch.zeros(2, 16, 32)).shape == (2, 4, 48)
 
-
-@pytest.fixture
-def tiny_vlm(tiny_llama_dir: Path) -> VLM:
-    lm = imagefm.load(tiny_llama_dir)
-    return compose_vlm(VisionTransformer(TOWER), lm, projector="pixel_shuffle",
-                       pixel_shuffle=2).eval()
 
 
 def test_compose_adds_one_image_token_and_counts_image_tokens(tiny_vlm: VLM) -> None:

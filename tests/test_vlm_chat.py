@@ -15,23 +15,12 @@ import imagefm
 from imagefm.apps.vlm_chat import ChatSession, PromptTooLong, ask, caption, stream_reply
 from imagefm.chat import chat_stops
 from imagefm.cli import app
-from imagefm.config import VisionConfig
 from imagefm.data.image import ImageDecodeError
-from imagefm.models.vit import VisionTransformer
-from imagefm.models.vlm import VLM, compose_vlm
+from imagefm.models.vlm import VLM
 from imagefm.train.vlm_data import DESCRIBE
 from imagefm.vlm_processor import VLMProcessor
 
-TOWER = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_dim=64,
-                     act="gelu")
 N = 10  # new tokens per reply: enough to see text, few enough to stay fast
-
-
-@pytest.fixture
-def tiny_vlm(tiny_llama_dir: Path) -> VLM:
-    lm = imagefm.load(tiny_llama_dir)
-    return compose_vlm(VisionTransformer(TOWER), lm, projector="pixel_shuffle",
-                       pixel_shuffle=2).eval()
 
 
 def picture(seed: int) -> np.ndarray:
