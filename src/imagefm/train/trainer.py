@@ -137,36 +137,40 @@ class Trainer:
             loss.backward()  # DDP / FSDP average the gradients over ranks here...
         distributed.average_gradients(self.unsynced)  # ...except these
         if self.deferred_sync:
-            return self._step_on_device(batch, loss, metrics)
-        loss_value = distributed.mean_over_ranks(loss.detach().float()).item()
-        grad_norm = self._clip_gradients()
-
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+            loss_value, grad_norm, bad = self._optimizer_step_on_device(loss)
+            # Stepped unconditionally (no host branch): a skipped step left the weights as they
+            # were, so the clamp changes nothing and the EMA moves towards the same weights.
+            stepped, extra = True, {"bad": bad, **metrics}
+        else:
+            loss_value = distributed.mean_over_ranks(loss.detach().float()).item()
+            grad_norm = self._clip_gradients()
+            stepped = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if stepped:
+                self.optimizer.step()
+                self.progress.bad_steps_in_row = 0
+            else:
+                self._count_bad_step(loss_value, grad_norm)
+            extra = {"skipped_steps": self.progress.skipped_steps,
+                     **{k: _as_float(v) for k, v in metrics.items()}}
+        if stepped:
             after_step = getattr(self.task, "after_step", None)
             if after_step is not None:
                 after_step(self.wrapped)
             if self.ema is not None:
                 self.ema.update(self.model)
-            self.progress.bad_steps_in_row = 0
-        else:
-            self._count_bad_step(loss_value, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         # The base learning rate of this step (groups scale it by their stage multiplier).
         lr = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.scheduler.step()
         return {"step": self.progress.step + 1, "loss": loss_value, "lr": lr,
                 "grad_norm": grad_norm,
-                "samples": batch_rows(batch) * self.dist.world_size,
-                "skipped_steps": self.progress.skipped_steps,
-                **{k: _as_float(v) for k, v in metrics.items()}}
+                "samples": batch_rows(batch) * self.dist.world_size, **extra}
 
-    def _step_on_device(self, batch: dict, loss: torch.Tensor, metrics: dict[str, Any]
-                        ) -> dict[str, Any]:
-        """The rest of a step without reading anything back (``train.host_sync=log``): the
-        fused AdamW skips a non-finite step itself (``found_inf``), and the step's numbers stay
-        device tensors until :meth:`_flush` reads a window of them at once."""
+    def _optimizer_step_on_device(self, loss: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip and step without reading anything back (``train.host_sync=log``): the fused
+        AdamW skips a non-finite step itself (``found_inf``). Returns loss, gradient norm and
+        the non-finite flag as device tensors, which :meth:`_flush` reads a window at a time."""
         loss_value = distributed.mean_over_ranks(loss.detach().float())
         grad_norm = distributed.clip_grad_norm_on_device(
             self.params, self.config.optim.grad_clip or math.inf)
@@ -176,19 +180,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        # Unconditional (no host branch): a skipped step left the weights as they were, so the
-        # clamp changes nothing and the EMA moves towards the unchanged weights.
-        after_step = getattr(self.task, "after_step", None)
-        if after_step is not None:
-            after_step(self.wrapped)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.config.optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        self.scheduler.step()
-        return {"step": self.progress.step + 1, "loss": loss_value, "lr": lr,
-                "grad_norm": grad_norm, "bad": bad,
-                "samples": batch_rows(batch) * self.dist.world_size, **metrics}
+        return loss_value, grad_norm, bad
 
     def _flush(self) -> dict[str, Any] | None:
         """Read the pending records back (one sync), count their skipped steps (stopping the
