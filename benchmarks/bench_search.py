@@ -355,11 +355,21 @@ def run_server_once(args: argparse.Namespace, checkpoint: Path, bodies: list[byt
     try:
         wait_for_server(port, process)
         cpu: list[float | None] = []
+        client_cpu: list[float] = []
+
+        busy: list[float] = []
+        stats_key = "text" if kind == "text" else "image"
+
+        def on_measure() -> None:
+            cpu.append(cpu_seconds(process.pid))
+            client_cpu.append(time.process_time())
+            busy.append(server_stats(port)[stats_key]["busy_s"])
+
         latencies, errors, seconds = asyncio.run(
-            load(port, bodies, args.clients, args.duration, args.warmup,
-                 on_measure=lambda: cpu.append(cpu_seconds(process.pid))))
+            load(port, bodies, args.clients, args.duration, args.warmup, on_measure=on_measure))
         cpu_before, cpu_after = cpu[0], cpu_seconds(process.pid)
-        stats = server_stats(port)["text" if kind == "text" else "image"]
+        client_ms = 1000 * (time.process_time() - client_cpu[0]) / max(1, len(latencies))
+        stats = server_stats(port)[stats_key]
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -367,7 +377,8 @@ def run_server_once(args: argparse.Namespace, checkpoint: Path, bodies: list[byt
               else 1000 * (cpu_after - cpu_before) / max(1, len(latencies)))
     return {"rps": len(latencies) / seconds, "p50": percentile(latencies, 50),
             "p99": percentile(latencies, 99), "batch": stats["mean_size"], "errors": errors,
-            "cpu_ms": cpu_ms}
+            "cpu_ms": cpu_ms, "client_ms": client_ms,
+            "model_busy": (stats["busy_s"] - busy[0]) / seconds}
 
 
 def bench_server(args: argparse.Namespace, work: Path) -> None:
@@ -392,7 +403,8 @@ def bench_server(args: argparse.Namespace, work: Path) -> None:
                 print(f"  {kind:5s} {label:12s} run {repeat + 1}  max_batch={max_batch:<3d} "
                       f"{run['rps']:8.1f} req/s  p50 {run['p50']:7.1f} ms  p99 "
                       f"{run['p99']:7.1f} ms  mean batch {run['batch']:5.1f}  server CPU "
-                      f"{run['cpu_ms']:6.2f} ms/req  errors {run['errors']:.0f}")
+                      f"{run['cpu_ms']:6.2f} ms/req  client CPU {run['client_ms']:5.2f} ms/req"
+                      f"  model busy {100 * run['model_busy']:3.0f} %  errors {run['errors']:.0f}")
         medians = {label: {key: float(np.median([r[key] for r in results]))
                            for key in results[0]} for label, results in runs.items()}
         for label, m in medians.items():

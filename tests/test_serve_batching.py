@@ -49,7 +49,9 @@ def test_concurrent_requests_share_batches_and_keep_their_results() -> None:
         assert results == [2 * i for i in range(20)]
         assert sum(recorder.sizes) == 20 and max(recorder.sizes) == 8
         assert len(recorder.sizes) == 3  # 8 + 8 + 4
-        assert batcher.stats.to_dict()["items"] == 20
+        stats = batcher.stats.to_dict()
+        assert stats["items"] == 20
+        assert 0.03 <= stats["busy_s"] < 0.5  # three batches that sleep 10 ms each
         await batcher.stop()
 
     run(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -31,11 +32,13 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class BatchStats:
-    """Counters for monitoring and tests: batches run, items computed, largest batch."""
+    """Counters for monitoring and tests: batches run, items computed, largest batch, and the
+    seconds spent computing batches (against wall time, how busy the model is)."""
 
     batches: int = 0
     items: int = 0
     largest: int = 0
+    busy_s: float = 0.0
     sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
     @property
@@ -44,7 +47,7 @@ class BatchStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "items": self.items, "largest": self.largest,
-                "mean_size": round(self.mean_size, 2)}
+                "mean_size": round(self.mean_size, 2), "busy_s": round(self.busy_s, 3)}
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -132,6 +135,13 @@ class DynamicBatcher(Generic[Item, Result]):
             if batch:
                 await self._run(batch)
 
+    def _timed(self, items: list[Item]) -> Sequence[Result]:
+        started = time.perf_counter()
+        try:
+            return self.run_batch(items)
+        finally:
+            self.stats.busy_s += time.perf_counter() - started
+
     def _take(self, limit: int) -> list[tuple[Item, asyncio.Future[Result]]]:
         taken = []
         while self._queue and len(taken) < limit:
@@ -144,7 +154,7 @@ class DynamicBatcher(Generic[Item, Result]):
         items = [item for item, _ in batch]
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.executor, self.run_batch, items)
+            results = await loop.run_in_executor(self.executor, self._timed, items)
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
         except Exception as err:  # the batch failed: every request in it gets the error
