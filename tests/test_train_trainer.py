@@ -186,6 +186,29 @@ def test_torch_compile_gives_the_same_training(tmp_path):
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_the_compiled_training_forward_is_one_graph(tmp_path, loss):
+    """A graph break splits what torch.compile can fuse and costs GPU throughput (issue 4's MFU
+    goal); the contrastive loss step under bf16 autocast, padding mask included, has none."""
+    config = make_config(tmp_path, *(["model.config.init_logit_bias=-10.0"]
+                                     if loss == "siglip" else []))
+    model = build_model(config)
+    batch = next(toy(config)(0))
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][:, -2:] = 0
+    task = ContrastiveTask(loss)
+
+    def step(pixel_values, input_ids, attention_mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return task.loss(model, {"pixel_values": pixel_values, "input_ids": input_ids,
+                                     "attention_mask": attention_mask})[0]
+
+    explained = torch._dynamo.explain(step)(batch["pixel_values"], batch["input_ids"],
+                                            batch["attention_mask"])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_toy_pairs_are_deterministic_and_split_by_rank():
     whole = list(ToyPairs(batch_size=6, image_size=8, vocab_size=32, batches_per_epoch=2)(3))
     again = list(ToyPairs(batch_size=6, image_size=8, vocab_size=32, batches_per_epoch=2)(3))
