@@ -62,16 +62,29 @@ def embed_texts(model: Any, processor: Any, texts: Sequence[str],
     """L2-normalised text embeddings ``[N, D]`` (float32, on the CPU)."""
     if len(texts) == 0:
         raise ValueError("no texts to embed")
-    device = model_device(model)
-    chunks = []
-    with inference(model):
-        for start in range(0, len(texts), batch_size):
-            batch = processor(texts=list(texts[start:start + batch_size]))
-            mask = batch.get("attention_mask")
-            embeds = model.encode_text(batch["input_ids"].to(device),
-                                       mask.to(device) if mask is not None else None)
-            chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
+    chunks = [encode_tokens(model, processor(texts=list(texts[start:start + batch_size])))
+              for start in range(0, len(texts), batch_size)]
     return torch.cat(chunks)
+
+
+def encode_tokens(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-normalised text embeddings ``[B, D]`` (float32, on the CPU) of one tokenized batch.
+
+    Columns that are padding in every row are cut first where the text tower says they cannot
+    change its output (``needed_length``: CLIP's causal towers, masked encoders; not SigLIP's,
+    which pools the last position): a query of 8 tokens then costs 8 positions, not 77.
+    """
+    input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+    needed_length = getattr(getattr(model, "text", None), "needed_length", None)
+    if needed_length is not None:
+        length = needed_length(input_ids, mask)
+        input_ids = input_ids[:, :length]
+        mask = mask[:, :length] if mask is not None else None
+    device = model_device(model)
+    with inference(model):
+        embeds = model.encode_text(input_ids.to(device),
+                                   mask.to(device) if mask is not None else None)
+    return F.normalize(embeds.float(), dim=-1).cpu()
 
 
 def embed_pixels(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:

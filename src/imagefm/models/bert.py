@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imagefm.config import BertConfig
-from imagefm.models.layers import MLP, Attention, make_attention_mask
+from imagefm.models.layers import MLP, Attention, make_attention_mask, text_columns
 
 
 class BertLayer(nn.Module):
@@ -66,6 +66,12 @@ class BertEncoder(nn.Module):
             else:
                 x = layer(x, mask)
         return x
+
+    def needed_length(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> int:
+        """Columns up to the last one that is text in some row: padding is masked out of
+        attention and of the mean, so the rest can be cut (see ``TextTransformer``)."""
+        return input_ids.shape[1] if attention_mask is None else text_columns(attention_mask)
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.pool == "first":

@@ -85,6 +85,13 @@ def make_attention_mask(
     return mask
 
 
+def text_columns(attention_mask: torch.Tensor) -> int:
+    """1 + the last column that is a real token in some row (the full width if none is): the
+    columns after it are padding in every row."""
+    used = attention_mask.any(dim=0).nonzero()
+    return int(used.max()) + 1 if len(used) else attention_mask.shape[1]
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/o projections (all with bias)."""
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from imagefm.config import TextConfig
-from imagefm.models.layers import Transformer, init_transformer, make_attention_mask
+from imagefm.models.layers import Transformer, init_transformer, make_attention_mask, text_columns
 
 
 class TextTransformer(nn.Module):
@@ -46,6 +46,20 @@ class TextTransformer(nn.Module):
             x = self.transformer(x, make_attention_mask(length, padding, causal=c.causal,
                                                         device=x.device))
         return self.norm_final(x)
+
+    def needed_length(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> int:
+        """How many leading columns decide the pooled output: up to the last column that is text
+        in some row, when padding cannot reach the pooled token (causal or masked attention, not
+        pooled at the last position); else all of them. Inference cuts the rest (a CLIP query of
+        8 tokens then costs 8 positions, not 77); training keeps static shapes."""
+        c, full = self.config, input_ids.shape[1]
+        if attention_mask is None or c.pool == "last" or not (c.causal or c.use_padding_mask):
+            return full
+        length = text_columns(attention_mask)
+        if c.pool == "argmax" and int(input_ids.argmax(dim=-1).max()) >= length:
+            return full  # a padding id above the EOS id would be what argmax pools
+        return length
 
     def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         pool = self.config.pool

@@ -114,15 +114,11 @@ class Engine:
     # --- batch functions (model thread) -------------------------------------------------------
 
     def _text_batch(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-        from imagefm.apps.zeroshot import inference, model_device
+        from imagefm.apps.zeroshot import encode_tokens
 
         batch = self.processor(texts=texts)
         mask = batch.get("attention_mask")
-        device = model_device(self.model)
-        with inference(self.model):
-            embeds = self.model.encode_text(batch["input_ids"].to(device),
-                                            mask.to(device) if mask is not None else None)
-        vectors = torch.nn.functional.normalize(embeds.float(), dim=-1).cpu().numpy()
+        vectors = encode_tokens(self.model, batch).numpy()
         counts = mask.sum(dim=1).tolist() if mask is not None else [0] * len(texts)
         return list(zip(vectors, (int(c) for c in counts), strict=True))
 
