@@ -164,6 +164,13 @@ def main() -> None:
         speeds[name] = (train, embed)
         print(f"{name:<13} {train:>16.1f} {embed:>15.1f}")
     if "imagefm" in speeds:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            models["imagefm"].encode_image(pixels[:1])
+        flops = counter.get_total_flops()
+        print(f"imagefm image tower: {flops / 1e6:.1f} MFLOP per image (forward, 2 per "
+              f"multiply-add), embedding at {flops * speeds['imagefm'][1] / 1e9:.1f} GFLOP/s")
         for name in names:
             if name != "imagefm":
                 t_ratio = speeds["imagefm"][0] / speeds[name][0]
