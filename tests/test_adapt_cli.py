@@ -98,6 +98,28 @@ def test_anomaly_on_synthetic_defects(app, tiny_model, tmp_path):
     assert (out / "anomaly_maps_metal.png").stat().st_size > 0
 
 
+def test_anomaly_on_defect_shards_keeps_both_kinds_and_refuses_what_it_cannot_do(
+        app, tiny_model, tmp_path):
+    from imagefm.adapt.inspection import inspection_from_shards
+    from imagefm.data.formats import write_shards
+    from imagefm.data.synthetic import generate
+
+    # As `imagefm synth defects` writes them: one train split, defects first in file order
+    # here, so a cap that took the first images would keep defects only.
+    records = sorted(generate("defects", 40, seed=0, image_size=32), key=lambda r: -r.label)
+    write_shards(records, tmp_path / "defects", prefix="train")
+    for item in inspection_from_shards(tmp_path / "defects", test_per_category=4):
+        assert len(item.labels) <= 4 and 0 < sum(item.labels) < len(item.labels)
+
+    result = CliRunner().invoke(app, [
+        "adapt", "anomaly", "--model", str(tiny_model), "--data", str(tmp_path / "defects"),
+        "--n", "4", "--shots", "0,50", "--repeats", "1", "--threads", "1",
+        "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "50 normal shots asked" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_bad_input_is_refused_with_the_fix(app, tiny_model, folder, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["adapt", "bogus", "--model", str(tiny_model), "--data",

@@ -87,13 +87,28 @@ def inspection_from_shards(source: str | Path, object_name: str = "object",
             normal_pool = normal_pool[: len(normal_pool) // 2]
         chosen = {id(r) for r in normal_pool}
         tests = [r for r in records if (r.split == "test" if has_test else id(r) not in chosen)]
-        tests = tests[:test_per_category] if test_per_category else tests
+        tests = _stratified(tests, test_per_category)
         names = ({"en": SURFACES[category][0], "ko": SURFACES[category][1]}
                  if category in SURFACES else {"en": object_name, "ko": object_name})
         sets.append(InspectionSet(category, names, [r.image for r in normal_pool],
                                   [r.image for r in tests], [int(r.label > 0) for r in tests],
                                   [r.mask for r in tests]))
     return sets
+
+
+def _stratified(records: list[Any], limit: int | None) -> list[Any]:
+    """At most ``limit`` records (all when None), normal and defective in the proportion they
+    have, each kept when present: the first ``limit`` in file order could all be defects, and
+    AUROC needs both."""
+    if not limit or len(records) <= limit:
+        return records
+    normal = [r for r in records if r.label == 0]
+    defect = [r for r in records if r.label != 0]
+    n_normal = round(limit * len(normal) / len(records))
+    if normal and defect:
+        n_normal = min(max(n_normal, 1), limit - 1)
+    keep = {id(r) for r in normal[:n_normal] + defect[:limit - n_normal]}
+    return [r for r in records if id(r) in keep]
 
 
 def _mask_array(mask: bytes | None, card: Any, fallback: int) -> np.ndarray:
@@ -121,6 +136,26 @@ def _scores(labels: Sequence[int], masks: np.ndarray, image: torch.Tensor,
     return image_auc, pixel_auc
 
 
+def check_sets(sets: Sequence[InspectionSet], shots: Sequence[int]) -> None:
+    """Refuse, before any work, sets that cannot give every number asked: a test set without
+    both normal and defective images (no AUROC), or fewer normal images than the most shots."""
+    if not sets:
+        raise ValueError("no inspection sets")
+    problems = []
+    for item in sets:
+        defects = sum(1 for label in item.labels if label)
+        if defects == 0 or defects == len(item.labels):
+            problems.append(f"{item.category}: the test images are all "
+                            f"{'defective' if defects else 'normal'} ({len(item.labels)}); "
+                            "AUROC needs both kinds")
+        most = max(shots, default=0)
+        if most > len(item.normal):
+            problems.append(f"{item.category}: {most} normal shots asked, "
+                            f"{len(item.normal)} normal images available")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def evaluate_anomaly(model: Any, processor: Any, sets: Sequence[InspectionSet],
                      shots: Sequence[int] = (0, 1, 4), lang: str = "en",
                      config: AnomalyConfig | None = None, repeats: int = 3, seed: int = 0,
@@ -132,6 +167,7 @@ def evaluate_anomaly(model: Any, processor: Any, sets: Sequence[InspectionSet],
     Methods: ``zero-shot`` (shots 0), ``memory`` and ``memory+text`` (k normal images; the
     mean over ``repeats`` random draws of the k images).
     """
+    check_sets(sets, shots)
     card = getattr(processor, "card", None)
     rows: list[dict[str, Any]] = []
     written: list[str] = []
@@ -147,9 +183,6 @@ def evaluate_anomaly(model: Any, processor: Any, sets: Sequence[InspectionSet],
                      "image_auroc": image_auc, "pixel_auroc": pixel_auc})
         shown: dict[str, torch.Tensor] = {"zero-shot": zs_maps}
         for k in [s for s in shots if s > 0]:
-            if k > len(item.normal):
-                raise ValueError(f"{item.category}: {k} normal shots asked, "
-                                 f"{len(item.normal)} normal images available")
             scores: dict[str, list[tuple[float, float | None]]] = {"memory": [],
                                                                     "memory+text": []}
             for repeat in range(repeats):

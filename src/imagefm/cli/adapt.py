@@ -98,6 +98,7 @@ def _run_anomaly(model: Any, processor: Any, data: str, shots: list[int], lang: 
                  n: int, seed: int, object_name: str, repeats: int, out: Path,
                  meta: dict[str, Any]) -> None:
     from imagefm.adapt.inspection import (
+        check_sets,
         evaluate_anomaly,
         inspection_from_shards,
         synthetic_inspection,
@@ -105,11 +106,16 @@ def _run_anomaly(model: Any, processor: Any, data: str, shots: list[int], lang: 
     from imagefm.adapt.report import write_anomaly_report
 
     started = time.perf_counter()
-    if data == "synthetic":
-        size = processor.card.image_size
-        sets = synthetic_inspection(size, n, max(max(shots), 1) * 2, seed)
-    else:
-        sets = inspection_from_shards(data, object_name, n)
+    try:
+        if data == "synthetic":
+            size = processor.card.image_size
+            sets = synthetic_inspection(size, n, max(max(shots), 1) * 2, seed)
+        else:
+            sets = inspection_from_shards(data, object_name, n)
+        check_sets(sets, shots)
+    except ValueError as err:  # data that cannot give the numbers asked: say so, no traceback
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     rows, maps = evaluate_anomaly(model, processor, sets, shots, lang, repeats=repeats,
                                   seed=seed, out_dir=out)
     meta["seconds"] = round(time.perf_counter() - started, 1)
