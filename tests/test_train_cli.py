@@ -46,6 +46,10 @@ def test_cli_trains_with_overrides_and_resumes(app, tmp_path):
     result = runner.invoke(app, [*args, "train.steps=5", "--resume"])  # extend the run
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2, 3, 4, 5]
+    # Extending re-plans the schedule: the user is told, and the saved config is the new one.
+    assert "resuming with changed settings: train.steps: 3 -> 5" in result.output
+    assert "re-planned" in result.output
+    assert "steps: 5" in (tmp_path / "cli" / "config.yaml").read_text()
 
 
 def test_cli_rejects_a_bad_override_before_anything_starts(app, tmp_path):

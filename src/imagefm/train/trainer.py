@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from imagefm.config import ConfigError
@@ -287,6 +288,8 @@ class Trainer:
         if self.dist.is_main:
             from imagefm.checkpoint import atomic_write_text
 
+            if checkpoint is not None:
+                self._say_what_changed(self.run_dir / "config.yaml")
             atomic_write_text(self.run_dir / "config.yaml", self.config.to_yaml())
         seed_everything(self.config.run.seed + self.dist.rank)
         if checkpoint is not None:
@@ -299,6 +302,22 @@ class Trainer:
                       f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch})")
         elif self.config.run.resume and self.dist.is_main:
             print(f"run.resume: no checkpoint in {self.run_dir}; starting from step 0")
+
+    def _say_what_changed(self, saved: Path) -> None:
+        """A resumed run continues exactly only with the settings it was started with; name the
+        ones that differ (a new ``train.steps`` re-plans the learning-rate schedule from here)."""
+        try:
+            before = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError):
+            return
+        changes = [(key, old, new) for key, old, new
+                   in changed_settings(before, self.config.to_dict()) if key != "run.resume"]
+        if changes:
+            print("resuming with changed settings: "
+                  + "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes))
+            if any(key == "train.steps" or key.startswith("optim.") for key, _, _ in changes):
+                print("  the learning-rate schedule is re-planned over the new settings from "
+                      "this step, so the run will differ from one uninterrupted run")
 
     def save_checkpoint(self) -> Path:
         """Write a run checkpoint for the current step (every rank must call this)."""
@@ -389,6 +408,16 @@ def batch_rows(batch: dict) -> int:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0])
     return 0
+
+
+def changed_settings(before: Any, after: Any, prefix: str = ""
+                     ) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, after)`` for every leaf that differs between two config dicts."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in dict.fromkeys([*before, *after])
+                for change in changed_settings(before.get(key), after.get(key),
+                                               f"{prefix}{key}.")]
+    return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 
 def seed_everything(seed: int) -> None:
