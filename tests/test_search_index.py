@@ -157,6 +157,19 @@ def test_remove_and_add_by_path(photos, tmp_path) -> None:
         index.add([tmp_path / "elsewhere.png"])
 
 
+def test_paths_relative_to_the_working_folder_are_understood_too(photos, tmp_path, monkeypatch,
+                                                                caplog) -> None:
+    root, paths = photos
+    index = build(root, tmp_path / "idx")
+    monkeypatch.chdir(tmp_path)  # "photos/<file>" from here is "<file>" inside the index
+    assert index.remove([f"photos/{paths['red']}"]) == 1
+    index.add([f"photos/{paths['red']}"])
+    assert index.search("red", k=1)[0].path == paths["red"]
+    with caplog.at_level("WARNING"):
+        assert index.remove(["photos/not-indexed.png"]) == 0
+    assert "1 of 1 paths were not in the index" in caplog.text
+
+
 def test_stale_or_missing_search_structure_is_rebuilt_from_sqlite(photos, tmp_path) -> None:
     root, paths = photos
     build(root, tmp_path / "idx").close()

@@ -420,6 +420,10 @@ class Index:
             commit = self.store.delete_paths([self._relative(p) for p in paths])
             self._apply(commit, None)
             self._finish()
+        if len(commit.removed_ids) < len(paths):
+            logger.warning("%d of %d paths were not in the index (paths are relative to the "
+                           "indexed folder %s)", len(paths) - len(commit.removed_ids), len(paths),
+                           self.root)
         return len(commit.removed_ids)
 
     def failures(self) -> list[tuple[str, str]]:
@@ -429,6 +433,8 @@ class Index:
     def _relative(self, path: str | Path) -> str:
         path = Path(path)
         full = path if path.is_absolute() else self.root / path
+        if not path.is_absolute() and not full.exists() and is_inside(path, self.root):
+            full = path.resolve()  # "photos/new.png" meant from here, not photos/photos/...
         if not is_inside(full, self.root):
             raise ValueError(f"{path} is not inside the indexed folder {self.root}")
         return os.path.relpath(os.path.realpath(full), os.path.realpath(self.root)).replace(
