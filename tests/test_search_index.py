@@ -341,6 +341,15 @@ def test_auto_kind_switches_to_hnsw_past_the_threshold(tmp_path) -> None:
     assert {h.path for h in index.search("red", k=4)} == {"0.png", "6.png", "12.png", "18.png"}
 
 
+def test_ivfpq_on_a_small_folder_is_exact_and_says_so(photos, tmp_path, caplog) -> None:
+    from imagefm.apps.search import VectorIndexConfig
+
+    root, _ = photos
+    with caplog.at_level("WARNING"):
+        index = build(root, tmp_path / "idx", config=VectorIndexConfig(kind="ivfpq"))
+    assert index.kind == "flat" and "at least 256 images" in caplog.text
+
+
 def test_a_real_tiny_model_from_its_checkpoint(tmp_path) -> None:
     """The whole path with a real (random) tiny CLIP: an image query finds itself first, and a
     reopened index reloads the model from the recorded checkpoint path."""

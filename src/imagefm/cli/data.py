@@ -23,8 +23,9 @@ def list_recipes() -> None:
 
 @data_app.command("prepare")
 def prepare(
-    name: str = typer.Argument(..., help="recipe: tuxpaint, emoji, openclipart, cifar10, coco, "
-                                         "folder (see `imagefm data recipes`)"),
+    name: str = typer.Argument(..., help="recipe: tuxpaint, emoji, openclipart, "
+                                         "openclipart-cifar10, cifar10, coco, folder (see "
+                                         "`imagefm data recipes`)"),
     out: Path = typer.Option(..., "--out", help="output folder for shards + manifest.json"),
     src: Path | None = typer.Option(None, "--src", help="where the data is (default: where the "
                                                         "Debian package installs it)"),

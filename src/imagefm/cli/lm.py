@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
         from imagefm.chat import chat_stops, encode_chat
         from imagefm.models.decoder import DecoderLM
-        from imagefm.models.generation import stream_text
+        from imagefm.models.generation import TextStream
 
         model = load_language_model(model_path, quantize)
         if not isinstance(model, DecoderLM):
@@ -57,21 +57,21 @@ def register(app: typer.Typer) -> None:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         started = time.perf_counter()
         first = None
-        pieces = 0
-        for piece in stream_text(model, model.tokenizer, torch.tensor([ids]),
-                                 max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
-                                 repetition_penalty=repetition_penalty, stop_strings=stops,
-                                 eos_token_id=eos_ids, generator=generator):
+        stream = TextStream(model, model.tokenizer, torch.tensor([ids]),
+                            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                            temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop_strings=stops,
+                            eos_token_id=eos_ids, generator=generator)
+        for piece in stream:
             first = first or time.perf_counter()
-            pieces += 1
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         if stats and first is not None:
             total = time.perf_counter() - started
             typer.echo(f"[{len(ids)} prompt tokens; first text after {first - started:.2f} s; "
-                       f"{pieces} pieces in {total:.2f} s]", err=True)
+                       f"{stream.tokens} tokens in {total:.2f} s, "
+                       f"{stream.tokens / total:.1f} tokens/s]", err=True)
 
     @app.command("extend-vocab")
     def extend_vocab(

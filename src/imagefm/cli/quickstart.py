@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
         loss: str = typer.Option("clip", help="clip (softmax) or siglip (sigmoid)."),
         steps: int = typer.Option(1000, min=1, help="Training steps (the time budget)."),
         batch_size: int = typer.Option(128, min=4, help="Scenes per step."),
-        samples: int = typer.Option(20_000, min=64, help="Synthetic training scenes."),
+        samples: int = typer.Option(20_000, min=64, help="Synthetic training scenes (at least "
+                                                         "one batch: --batch-size)."),
         scenes: str = typer.Option("clean", help="Training scenes: clean (solid objects on plain "
                                                   "backgrounds) or varied (textures, noise, "
                                                   "jitter; needs far more steps)."),

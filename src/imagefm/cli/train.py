@@ -10,7 +10,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        config: str = typer.Argument(..., help="Config file (.yaml/.yml/.toml)."),
+        config: str | None = typer.Argument(
+            None, help="Config file (.yaml/.yml/.toml); leave it out to start from the "
+                       "defaults and give only overrides."),
         overrides: list[str] | None = typer.Argument(
             None, help="section.key=value overrides, e.g. train.steps=300 model.preset=tiny"),
         resume: bool = typer.Option(False, "--resume",

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def train_from_args(config_path: str | None, overrides: list[str], *, resume: bo
         overrides.append("run.resume=true")
     config = load_config(config_path, overrides)
     run_dir = run(config)
-    if distributed.current().is_main:
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(f"run finished: {run_dir}")
     return 0
 

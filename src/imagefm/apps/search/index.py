@@ -151,6 +151,7 @@ class Index:
         self.config = VectorIndexConfig.from_dict(json.loads(store.get_meta("config") or "{}"))
         self._vectors: VectorIndex | None = None
         self._synced_generation = -1  # the store generation the vectors reflect
+        self._said_flat_for_ivfpq = False
         self.last_report: IndexReport | None = None
         if model is not None:
             self._check_model(model, fingerprint)
@@ -592,7 +593,11 @@ class Index:
     def _choose_kind(self, count: int) -> str:
         kind = self.config.resolve_kind(count)
         if kind == "ivfpq" and count < 256:
-            return "flat"  # too few vectors to train codebooks; exact search is instant anyway
+            if not self._said_flat_for_ivfpq:
+                logger.warning("ivfpq trains its codebooks on at least 256 images; with %d the "
+                               "index is exact (flat) until there are more", count)
+                self._said_flat_for_ivfpq = True
+            return "flat"  # exact search over so few vectors is instant anyway
         return kind
 
     def _rebuild(self, kind: str) -> None:
