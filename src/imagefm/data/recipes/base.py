@@ -14,11 +14,14 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from imagefm.data.formats import ShardWriter, SkipCounter
 from imagefm.data.records import Record
@@ -211,10 +214,15 @@ def prepare(name: str, out: str | Path, src: str | Path | None = None, *,
     provenance.update(recipe.extra)
     records = recipe.build(path, skips, **options)
     total = recipe.count(path) if recipe.count is not None else None
-    manifest = write_dataset(records, out, name=name, src=path, license=recipe.license,
-                             skips=skips, provenance=provenance, max_per_shard=max_per_shard,
-                             total=total, progress=progress, overwrite=overwrite,
-                             notes=recipe.notes, split_rule=recipe.split_rule)
+    with warnings.catch_warnings():
+        # Pillow warns about huge images as it opens them; open_image refuses the same ones
+        # (its limit is Pillow's threshold) and the manifest counts them as "image too large".
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        manifest = write_dataset(records, out, name=name, src=path, license=recipe.license,
+                                 skips=skips, provenance=provenance,
+                                 max_per_shard=max_per_shard, total=total, progress=progress,
+                                 overwrite=overwrite, notes=recipe.notes,
+                                 split_rule=recipe.split_rule)
     return manifest
 
 
