@@ -11,6 +11,7 @@ ratios are printed. CPU by default; CUDA when present (``--device cuda``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -85,8 +86,10 @@ def train_step(model, run, opt, pixels, ids, mask) -> None:
     opt.step()
 
 
-def embed_images(model, run, pixels) -> None:
-    with torch.inference_mode():
+def embed_images(model, run, pixels, precision: str = "fp32") -> None:
+    autocast = (torch.autocast(pixels.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         if run is run_hf:
             _features(model.get_image_features(pixel_values=pixels))
         else:
@@ -116,6 +119,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--only", default="imagefm,open_clip,transformers")
+    parser.add_argument("--precision", default="fp32",
+                        help="image embedding in fp32 and/or bf16 (bfloat16 autocast), e.g. "
+                             "fp32,bf16: each measured in the same interleaved repeats")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,29 +146,36 @@ def main() -> None:
         params = sum(p.numel() for p in models[name].parameters())
         print(f"{name:<13} {params:,} parameters")
 
-    results: dict[str, dict[str, list[float]]] = {n: {"train": [], "embed": []} for n in names}
+    precisions = args.precision.split(",")
+    embeds = [f"embed {p}" if p != "fp32" else "embed" for p in precisions]
+    results: dict[str, dict[str, list[float]]] = {
+        n: {key: [] for key in ("train", *embeds)} for n in names}
     for name in names:  # warm-up
         run = builders[name][1]
         train_step(models[name], run, opts[name], pixels, ids, mask)
-        embed_images(models[name], run, pixels)
+        for precision in precisions:
+            embed_images(models[name], run, pixels, precision)
     for _ in range(args.repeats):
         for name in names:
             run, m, opt = builders[name][1], models[name], opts[name]
             results[name]["train"].append(
                 timed(lambda m=m, run=run, opt=opt: train_step(m, run, opt, pixels, ids, mask),
                       args.iters, dev))
-            results[name]["embed"].append(
-                timed(lambda m=m, run=run: embed_images(m, run, pixels), args.iters, dev))
+            for precision, key in zip(precisions, embeds, strict=True):
+                results[name][key].append(
+                    timed(lambda m=m, run=run, p=precision: embed_images(m, run, pixels, p),
+                          args.iters, dev))
 
     print(f"\npreset {args.preset}, batch {b}, device {dev}, threads {torch.get_num_threads()}, "
           f"{args.repeats} repeats x {args.iters} iters (medians)")
-    print(f"{'':<13} {'train samples/s':>16} {'embed images/s':>15}")
-    speeds = {}
+    columns = ["train", *embeds]
+    print(f"{'':<13} {'train samples/s':>16}"
+          + "".join(f" {key + ' images/s':>20}" for key in embeds))
+    speeds = {name: {key: b / statistics.median(results[name][key]) for key in columns}
+              for name in names}
     for name in names:
-        train = b / statistics.median(results[name]["train"])
-        embed = b / statistics.median(results[name]["embed"])
-        speeds[name] = (train, embed)
-        print(f"{name:<13} {train:>16.1f} {embed:>15.1f}")
+        print(f"{name:<13} {speeds[name]['train']:>16.1f}"
+              + "".join(f" {speeds[name][key]:>20.1f}" for key in embeds))
     if "imagefm" in speeds:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -170,12 +183,18 @@ def main() -> None:
             models["imagefm"].encode_image(pixels[:1])
         flops = counter.get_total_flops()
         print(f"imagefm image tower: {flops / 1e6:.1f} MFLOP per image (forward, 2 per "
-              f"multiply-add), embedding at {flops * speeds['imagefm'][1] / 1e9:.1f} GFLOP/s")
+              f"multiply-add), embedding at "
+              + ", ".join(f"{flops * speeds['imagefm'][key] / 1e9:.1f} GFLOP/s ({key})"
+                          for key in embeds))
         for name in names:
             if name != "imagefm":
-                t_ratio = speeds["imagefm"][0] / speeds[name][0]
-                e_ratio = speeds["imagefm"][1] / speeds[name][1]
-                print(f"imagefm / {name:<13} train {t_ratio:.2f}x   embed {e_ratio:.2f}x")
+                print(f"imagefm / {name:<13} "
+                      + "   ".join(f"{key} {speeds['imagefm'][key] / speeds[name][key]:.2f}x"
+                                 for key in columns))
+    if "embed" in embeds and "embed bf16" in embeds:
+        for name in names:
+            print(f"{name:<13} bf16 / fp32 embedding: "
+                  f"{speeds[name]['embed bf16'] / speeds[name]['embed']:.2f}x")
 
 
 if __name__ == "__main__":

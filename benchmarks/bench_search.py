@@ -92,19 +92,22 @@ def bench_indexing(args: argparse.Namespace, work: Path) -> None:
     print(f"wrote {args.images} JPEG files of {args.image_px}px in "
           f"{time.perf_counter() - started:.1f} s")
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-    started = time.perf_counter()
-    index = Index.build(photos, work / "photos.index", checkpoint, workers=workers,
-                        batch_size=args.batch_size, device=args.device)
-    seconds = time.perf_counter() - started
-    print(f"indexing ({args.model or args.preset}, {workers} decode workers, batch "
-          f"{args.batch_size}, {index.device}): {args.images} images in {seconds:.1f} s = "
-          f"{args.images / seconds:.1f} images/s end to end ({index.kind} index)")
-    started = time.perf_counter()
-    again = Index.build(photos, work / "photos.index", checkpoint, workers=workers)
-    print(f"re-run with nothing changed: {time.perf_counter() - started:.2f} s "
-          f"({again.last_report.unchanged} unchanged)")
-    index.close()
-    again.close()
+    for run, precision in enumerate(args.precision.split(",")):  # each from scratch, in turn
+        out = work / f"photos-{run}-{precision}.index"
+        started = time.perf_counter()
+        index = Index.build(photos, out, checkpoint, workers=workers,
+                            batch_size=args.batch_size, device=args.device, precision=precision)
+        seconds = time.perf_counter() - started
+        print(f"indexing ({args.model or args.preset}, {precision}, {workers} decode workers, "
+              f"batch {args.batch_size}, {index.device}): {args.images} images in "
+              f"{seconds:.1f} s = {args.images / seconds:.1f} images/s end to end "
+              f"({index.kind} index)")
+        started = time.perf_counter()
+        again = Index.build(photos, out, checkpoint, workers=workers)
+        print(f"re-run with nothing changed: {time.perf_counter() - started:.2f} s "
+              f"({again.last_report.unchanged} unchanged)")
+        index.close()
+        again.close()
 
 
 # --- vectors --------------------------------------------------------------------------------------
@@ -208,6 +211,7 @@ from imagefm.serve import ServeSettings, create_app
 model = imagefm.load(sys.argv[1]).to(sys.argv[5]).eval()
 settings = ServeSettings(port=int(sys.argv[2]), max_batch=int(sys.argv[3]),
                          max_wait_ms=float(sys.argv[4]), max_queue=4096, timeout_s=120,
+                         precision=sys.argv[7],
                          **({"decode_threads": int(sys.argv[6])} if int(sys.argv[6]) else {}))
 uvicorn.run(create_app(model, settings=settings), host="127.0.0.1", port=settings.port,
             log_level="warning", access_log=False)
@@ -351,7 +355,8 @@ def run_server_once(args: argparse.Namespace, checkpoint: Path, bodies: list[byt
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER_SCRIPT, str(checkpoint), str(port), str(max_batch),
-         str(args.max_wait_ms), args.device, str(args.decode_threads)], env=env)
+         str(args.max_wait_ms), args.device, str(args.decode_threads),
+         args.precision.split(",")[0]], env=env)
     try:
         wait_for_server(port, process)
         cpu: list[float | None] = []
@@ -390,7 +395,8 @@ def bench_server(args: argparse.Namespace, work: Path) -> None:
     modes = (("batching on", args.max_batch), ("batching off", 1))
     print(f"server: {args.model or args.preset}, {args.clients} concurrent clients, "
           f"{args.duration:g} s per run after {args.warmup:g} s warm-up, device {args.device}, "
-          f"{args.repeats} repeats (on and off interleaved), decode threads "
+          f"{args.repeats} repeats (on and off interleaved), precision "
+          f"{args.precision.split(',')[0]}, decode threads "
           f"{args.decode_threads or 'default'}, torch threads {args.server_threads or 'default'}; "
           f"{load_average()}")
     for kind in args.server_inputs.split(","):
@@ -425,6 +431,9 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint (default: a random --preset model)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32 or bf16 (bfloat16 autocast); indexing takes a list, e.g. "
+                             "fp32,bf16, and indexes once with each; the server the first")
     parser.add_argument("--images", type=int, default=1000, help="indexing: how many files")
     parser.add_argument("--image-px", type=int, default=256, help="synthetic image size")
     parser.add_argument("--batch-size", type=int, default=64)

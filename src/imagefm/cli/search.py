@@ -22,14 +22,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _open_index(path: Path, model: Path | None, device: str) -> Any:
+def _open_index(path: Path, model: Path | None, device: str, precision: str = "fp32") -> Any:
     from imagefm.apps.search import Index, SearchIndexError
     from imagefm.apps.search.store import StoreError
 
     try:
-        return Index.open(path, model, device=device)
+        return Index.open(path, model, device=device, precision=precision)
     except (SearchIndexError, StoreError) as err:
         _fail(str(err))
+
+
+PRECISION_OPTION = typer.Option(
+    "fp32", help="The model's forward passes: fp32, or bf16 (bfloat16 autocast: several times "
+                 "faster where the hardware has bf16 arithmetic; embeddings within ~1e-4 "
+                 "cosine of fp32).")
 
 
 def register(app: typer.Typer) -> None:
@@ -46,6 +52,7 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(None, help="Decoding processes (default: up to 4; 0: "
                                                "decode in this process)."),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
+        precision: str = PRECISION_OPTION,
         rebuild: bool = typer.Option(False, "--rebuild", help="Start the index from scratch."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -60,7 +67,7 @@ def register(app: typer.Typer) -> None:
         try:
             index = Index.build(folder, out, model, config=config, kind=kind,
                                 batch_size=batch_size, workers=workers, device=device,
-                                progress=not quiet, rebuild=rebuild)
+                                progress=not quiet, rebuild=rebuild, precision=precision)
         except (SearchIndexError, StoreError, ValueError) as err:
             _fail(str(err))
         report = index.last_report
@@ -136,6 +143,7 @@ def register(app: typer.Typer) -> None:
         max_request_mb: float = typer.Option(16.0, help="Largest request body (MB)."),
         max_image_pixels: int = typer.Option(40_000_000, help="Largest image (pixels)."),
         device: str = typer.Option("auto", help="auto, cpu, cuda..."),
+        precision: str = PRECISION_OPTION,
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve the model over HTTP (embeddings, zero-shot, search) with a web page at /."""
@@ -148,7 +156,10 @@ def register(app: typer.Typer) -> None:
 
         if model is None and index_path is None:
             _fail("give --model, --index or both")
-        index = _open_index(index_path, model, device) if index_path is not None else None
+        if precision not in ("fp32", "bf16"):
+            _fail(f"--precision must be fp32 or bf16, not {precision!r}")
+        index = (_open_index(index_path, model, device, precision) if index_path is not None
+                 else None)
         if index is not None and model is None:
             loaded, name = index.model, Path(index.model_path).name
         else:
@@ -163,7 +174,7 @@ def register(app: typer.Typer) -> None:
             host=host, port=port, api_key=api_key or None, model_name=name,
             max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             timeout_s=timeout, max_request_bytes=int(max_request_mb * 2**20),
-            max_image_pixels=max_image_pixels)
+            max_image_pixels=max_image_pixels, precision=precision)
         typer.echo(f"serving {name} on http://{host}:{port}/"
                    + (f" with {len(index)} indexed images" if index is not None else ""),
                    err=True)

@@ -118,14 +118,15 @@ class Engine:
 
         batch = self.processor(texts=texts)
         mask = batch.get("attention_mask")
-        vectors = encode_tokens(self.model, batch).numpy()
+        vectors = encode_tokens(self.model, batch, self.settings.precision).numpy()
         counts = mask.sum(dim=1).tolist() if mask is not None else [0] * len(texts)
         return list(zip(vectors, (int(c) for c in counts), strict=True))
 
     def _image_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         from imagefm.apps.zeroshot import embed_pixels
 
-        return list(embed_pixels(self.model, torch.from_numpy(np.stack(pixels))).numpy())
+        return list(embed_pixels(self.model, torch.from_numpy(np.stack(pixels)),
+                                 self.settings.precision).numpy())
 
     # --- requests (event loop) ----------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class ServeSettings:
     max_labels: int = 100  # zero-shot labels per request
     max_k: int = 100  # search results per request
     decode_threads: int = 4  # image decoding runs beside the model thread
+    precision: str = "fp32"  # the model's forward passes: fp32, or bf16 (bfloat16 autocast)
     classifier_cache: int = 32  # label sets whose text embeddings are kept
     # Chat completions (a served VLM or LM): one generation at a time on one worker thread.
     max_new_tokens: int = 512  # most tokens one reply may generate (the default when unasked)
@@ -41,6 +42,8 @@ class ServeSettings:
                 raise ValueError(f"{name} must be >= 1")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     @property
     def is_loopback(self) -> bool:

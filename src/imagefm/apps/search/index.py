@@ -138,11 +138,16 @@ class Index:
 
     def __init__(self, directory: Path, store: Store, model: Any = None, processor: Any = None,
                  *, device: str | None = None, readonly: bool = False,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, precision: str = "fp32") -> None:
+        from imagefm.apps.zeroshot import PRECISIONS
+        from imagefm.config import check_choice
+
+        check_choice("precision", precision, PRECISIONS)
         self.directory = directory
         self.store = store
         self.readonly = readonly
         self.device = pick_device(device)
+        self.precision = precision  # of the model's forward passes: fp32, or bf16 autocast
         self._model = model
         self._processor = processor
         self.root = Path(store.get_meta("root") or ".")
@@ -161,14 +166,16 @@ class Index:
 
     @classmethod
     def open(cls, directory: str | Path, model: Any = None, processor: Any = None, *,
-             device: str | None = None, readonly: bool = True) -> Index:
+             device: str | None = None, readonly: bool = True, precision: str = "fp32"
+             ) -> Index:
         """Open an existing index; the model is loaded from the recorded path when first needed
         (or pass ``model``, which must be the one the index was built with)."""
         directory = Path(directory)
         store = Store(directory / STORE_FILE, readonly=readonly)
         if isinstance(model, (str, Path)):
             model = _load_model(model)
-        index = cls(directory, store, model, processor, device=device, readonly=readonly)
+        index = cls(directory, store, model, processor, device=device, readonly=readonly,
+                    precision=precision)
         index._load_vectors()
         return index
 
@@ -178,11 +185,12 @@ class Index:
               config: VectorIndexConfig | None = None, kind: str | None = None,
               batch_size: int = 64, workers: int | None = None, device: str | None = None,
               progress: bool = False, rebuild: bool = False,
-              max_pixels: int | None = None) -> Index:
+              max_pixels: int | None = None, precision: str = "fp32") -> Index:
         """Index the images under ``root`` into the folder ``out``, or bring an existing index
         there up to date (incremental). ``model`` is a checkpoint path or a loaded model
         (``model_path`` then records where it lives, so searches can reload it). ``kind``
-        overrides ``config.kind`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``).
+        overrides ``config.kind`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``); ``precision``
+        ``"bf16"`` embeds under bfloat16 autocast (see ``imagefm.apps.zeroshot.inference``).
         ``index.last_report`` tells what the run did."""
         root, out = Path(root), Path(out)
         if not root.is_dir():
@@ -196,7 +204,8 @@ class Index:
                 with contextlib.suppress(FileNotFoundError):
                     (out / name).unlink()
         if store_path.is_file():
-            index = cls.open(out, model, processor, device=device, readonly=False)
+            index = cls.open(out, model, processor, device=device, readonly=False,
+                             precision=precision)
             if os.path.realpath(index.root) != os.path.realpath(root):
                 raise SearchIndexError(f"{out} indexes {index.root}, not {root}; pick another "
                                        "--out or pass --rebuild")
@@ -223,7 +232,8 @@ class Index:
                 "config": json.dumps(config.to_dict()),
                 "created": str(time.time()),
             })
-            index = cls(out, store, model, processor, device=device, fingerprint=fingerprint)
+            index = cls(out, store, model, processor, device=device, fingerprint=fingerprint,
+                        precision=precision)
         index.update(batch_size=batch_size, workers=workers, progress=progress,
                      max_pixels=max_pixels)
         return index
@@ -289,14 +299,15 @@ class Index:
         """Unit text embeddings ``[N, D]`` (texts are NFC-normalised by the tokenizer)."""
         from imagefm.apps.zeroshot import embed_texts
 
-        return embed_texts(self.model, self.processor, list(texts)).numpy()
+        return embed_texts(self.model, self.processor, list(texts),
+                           precision=self.precision).numpy()
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
         """Unit image embeddings ``[N, D]`` of paths, bytes, PIL images or uint8 arrays."""
         from imagefm.apps.zeroshot import embed_pixels
 
         pixels = self.processor(images=list(images))["pixel_values"]
-        return embed_pixels(self.model, pixels).numpy()
+        return embed_pixels(self.model, pixels, self.precision).numpy()
 
     # --- search -------------------------------------------------------------------------------
 
@@ -568,7 +579,7 @@ class Index:
 
         # uint8 crops of the card's size take the processor's fast path: normalisation only.
         pixels = self.processor.image_processor([item.pixels for item in items])
-        return embed_pixels(self.model, pixels).numpy()
+        return embed_pixels(self.model, pixels, self.precision).numpy()
 
     # --- the search structure -----------------------------------------------------------------
 
