@@ -60,6 +60,9 @@ def test_index_and_server_embed_in_bf16_when_asked(tmp_path):
     assert Index.open(tmp_path / "bf16", precision="bf16").search("red", k=1)
     with pytest.raises(ConfigError, match="precision"):
         Index.open(tmp_path / "bf16", precision="half")
+    with pytest.raises(ConfigError, match="precision"):
+        Index.build(root, tmp_path / "half", checkpoint, workers=0, precision="half")
+    assert not (tmp_path / "half").exists()  # refused before anything was written
 
     answers = {}
     for precision in ("fp32", "bf16"):

@@ -192,6 +192,10 @@ class Index:
         overrides ``config.kind`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``); ``precision``
         ``"bf16"`` embeds under bfloat16 autocast (see ``imagefm.apps.zeroshot.inference``).
         ``index.last_report`` tells what the run did."""
+        from imagefm.apps.zeroshot import PRECISIONS
+        from imagefm.config import check_choice
+
+        check_choice("precision", precision, PRECISIONS)  # before anything is written
         root, out = Path(root), Path(out)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder")
