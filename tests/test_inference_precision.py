@@ -76,3 +76,13 @@ def test_index_and_server_embed_in_bf16_when_asked(tmp_path):
     assert cosines.min() > 0.999 and not np.array_equal(answers["fp32"], answers["bf16"])
     with pytest.raises(ValueError, match="precision"):
         ServeSettings(precision="fp16")
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused_up_front(monkeypatch):
+    from imagefm.apps.zeroshot import check_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match="no bfloat16"):
+        check_precision("bf16", "cuda")
+    check_precision("fp32", "cuda")
+    check_precision("bf16", "cpu")

@@ -46,6 +46,16 @@ def _model_dtype(model: Any) -> torch.dtype:
 PRECISIONS = ("fp32", "bf16")
 
 
+def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
+    """Refuse an unknown precision, or bf16 on a GPU without bfloat16 (before any work)."""
+    from imagefm.config import ConfigError, check_choice
+
+    check_choice("precision", precision, PRECISIONS)
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16: this GPU has no bfloat16 arithmetic; use fp32")
+
+
 @contextlib.contextmanager
 def inference(model: Any, precision: str = "fp32") -> Iterator[None]:
     """Eval mode and no autograd for the duration; the model's train/eval state is restored.
@@ -56,9 +66,7 @@ def inference(model: Any, precision: str = "fp32") -> Iterator[None]:
     GPUs) it is much faster; embeddings move by about 1e-4 in cosine (measured on a CPU:
     docs/benchmarks.md, "bf16 inference").
     """
-    from imagefm.config import check_choice
-
-    check_choice("precision", precision, PRECISIONS)
+    check_precision(precision, model_device(model))
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

@@ -69,6 +69,7 @@ class Engine:
 
     def __init__(self, model: Any, processor: Any = None, index: Any = None,
                  settings: ServeSettings | None = None, model_name: str = "model") -> None:
+        from imagefm.apps.zeroshot import check_precision, model_device
         from imagefm.data.image import ImageProcessor
         from imagefm.processor import Processor
 
@@ -76,6 +77,7 @@ class Engine:
         self.processor = processor or Processor.for_model(model)
         self.index = index
         self.settings = settings or ServeSettings()
+        check_precision(self.settings.precision, model_device(self.model))
         self.model_name = model_name
         self.image_processor = ImageProcessor(self.processor.image_processor.card,
                                               max_pixels=self.settings.max_image_pixels)

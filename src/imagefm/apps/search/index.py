@@ -139,14 +139,13 @@ class Index:
     def __init__(self, directory: Path, store: Store, model: Any = None, processor: Any = None,
                  *, device: str | None = None, readonly: bool = False,
                  fingerprint: str | None = None, precision: str = "fp32") -> None:
-        from imagefm.apps.zeroshot import PRECISIONS
-        from imagefm.config import check_choice
+        from imagefm.apps.zeroshot import check_precision
 
-        check_choice("precision", precision, PRECISIONS)
         self.directory = directory
         self.store = store
         self.readonly = readonly
         self.device = pick_device(device)
+        check_precision(precision, self.device)
         self.precision = precision  # of the model's forward passes: fp32, or bf16 autocast
         self._model = model
         self._processor = processor
@@ -192,10 +191,9 @@ class Index:
         overrides ``config.kind`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``); ``precision``
         ``"bf16"`` embeds under bfloat16 autocast (see ``imagefm.apps.zeroshot.inference``).
         ``index.last_report`` tells what the run did."""
-        from imagefm.apps.zeroshot import PRECISIONS
-        from imagefm.config import check_choice
+        from imagefm.apps.zeroshot import check_precision
 
-        check_choice("precision", precision, PRECISIONS)  # before anything is written
+        check_precision(precision, pick_device(device))  # before anything is written
         root, out = Path(root), Path(out)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder")
