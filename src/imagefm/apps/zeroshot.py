@@ -63,8 +63,8 @@ def inference(model: Any, precision: str = "fp32") -> Iterator[None]:
     ``precision="bf16"`` runs the model under bfloat16 autocast on its device: matrix products
     in bf16, norms and softmax in fp32, weights untouched (an index's model fingerprint still
     matches). Where the hardware has bf16 arithmetic (CPUs with AVX-512 BF16 or AMX, recent
-    GPUs) it is much faster; embeddings move by about 1e-4 in cosine (measured on a CPU:
-    docs/benchmarks.md, "bf16 inference").
+    GPUs) it is much faster; embeddings move by about 1e-4 in cosine (measured on a CPU with
+    AVX-512 BF16: docs/benchmarks.md, "Image search").
     """
     check_precision(precision, model_device(model))
     was_training = getattr(model, "training", False)
