@@ -31,6 +31,10 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
 
 
+# Inference arithmetic (index, serve, the embedding helpers): fp32, or bfloat16 autocast.
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+
+
 def _check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if value is None or value <= 0:

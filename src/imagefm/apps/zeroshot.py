@@ -43,14 +43,11 @@ def _model_dtype(model: Any) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def check_precision(precision: str, device: torch.device | str = "cpu") -> None:
     """Refuse an unknown precision, or bf16 on a GPU without bfloat16 (before any work)."""
-    from imagefm.config import ConfigError, check_choice
+    from imagefm.config import INFERENCE_PRECISIONS, ConfigError, check_choice
 
-    check_choice("precision", precision, PRECISIONS)
+    check_choice("precision", precision, INFERENCE_PRECISIONS)
     device = torch.device(device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision bf16: this GPU has no bfloat16 arithmetic; use fp32")

@@ -156,8 +156,9 @@ def register(app: typer.Typer) -> None:
 
         if model is None and index_path is None:
             _fail("give --model, --index or both")
-        if precision not in ("fp32", "bf16"):
-            _fail(f"--precision must be fp32 or bf16, not {precision!r}")
+        from imagefm.apps.zeroshot import check_precision
+
+        check_precision(precision, pick_device(device))  # before the model loads
         index = (_open_index(index_path, model, device, precision) if index_path is not None
                  else None)
         if index is not None and model is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imagefm.config import INFERENCE_PRECISIONS, check_choice
+
 
 @dataclass
 class ServeSettings:
@@ -42,8 +44,7 @@ class ServeSettings:
                 raise ValueError(f"{name} must be >= 1")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        check_choice("precision", self.precision, INFERENCE_PRECISIONS)
 
     @property
     def is_loopback(self) -> bool:
