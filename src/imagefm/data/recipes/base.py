@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from imagefm.data.formats import ShardWriter, SkipCounter
 from imagefm.data.records import Record
 
@@ -214,6 +212,8 @@ def prepare(name: str, out: str | Path, src: str | Path | None = None, *,
     provenance.update(recipe.extra)
     records = recipe.build(path, skips, **options)
     total = recipe.count(path) if recipe.count is not None else None
+    from PIL import Image  # here: importing the recipes stays light (see __init__)
+
     with warnings.catch_warnings():
         # Pillow warns about huge images as it opens them; open_image refuses the same ones
         # (its limit is Pillow's threshold) and the manifest counts them as "image too large".
