@@ -627,16 +627,19 @@ def dequantize_decoder(model: DecoderLM) -> DecoderLM:
     return model
 
 
+def _decoders(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every DecoderLM in ``model``: itself, or a VLM's ``lm``."""
+    from imagefm.models.decoder import DecoderLM
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DecoderLM)]
+
+
 def install_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put quantised layers where a saved state dict holds blocks (``<layer>.qweight``), in
     every DecoderLM inside ``model`` (itself, or a VLM's ``lm``), so that the state loads into
     a freshly built model (then :func:`use_float_without_kernel`)."""
-    from imagefm.models.decoder import DecoderLM
-
     suffix = ".qweight"
-    for prefix, decoder in list(model.named_modules()):
-        if not isinstance(decoder, DecoderLM):
-            continue
+    for prefix, decoder in _decoders(model):
         start = f"{prefix}." if prefix else ""
         layers: dict[str, QuantizedLinear] = {}
         head = None
@@ -661,27 +664,25 @@ def use_float_without_kernel(model: nn.Module) -> None:
     """Where the kernel cannot be built, dequantise the quantised layers of every DecoderLM in
     ``model`` (the same weights as float layers: blocks would be multiplied by dequantising
     them on every call), with a warning saying why."""
-    from imagefm.models.decoder import DecoderLM
-
     available, why = kernel_status()
     if available or not is_quantized(model):
         return
     warnings.warn(f"quantised matmul kernel unavailable, using the float weights of the "
                   f"quantised checkpoint: {why}", stacklevel=2)
-    for decoder in [m for m in model.modules() if isinstance(m, DecoderLM)]:
+    for _, decoder in _decoders(model):
         dequantize_decoder(decoder)
 
 
-def quantize_model(model: nn.Module, kind: str = "q4_1", head: str | None = "q8_0"
+def quantize_model(model: nn.Module, kind: str = "q8_0", head: str | None = "q8_0"
                    ) -> nn.Module:
     """:func:`quantize_decoder` for every DecoderLM in ``model``: a language model, or a VLM's
-    LM (its vision tower and projector run once per image and stay float). In place."""
-    from imagefm.models.decoder import DecoderLM
-
-    decoders = [m for m in model.modules() if isinstance(m, DecoderLM)]
+    LM (its vision tower and projector run once per image and stay float). In place. Q8_0 by
+    default, as ``imagefm quantize``: 4-bit blocks can break a fine-tuned model
+    (docs/results.md), so measure before shipping them."""
+    decoders = _decoders(model)
     if not decoders:
         raise ValueError(f"a {type(model).__name__} has no language model to quantise")
-    for decoder in decoders:
+    for _, decoder in decoders:
         quantize_decoder(decoder, kind, head)
     return model
 
