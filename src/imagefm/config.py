@@ -197,7 +197,9 @@ VISION_CONFIGS: dict[str, type] = {"vit": VisionConfig,
 TEXT_CONFIGS: dict[str, type] = {"transformer": TextConfig, "bert": BertConfig}
 
 
-def _tower_config(kinds: dict[str, type], data: Any, owner: str) -> Any:
+def tower_config(kinds: dict[str, type], data: Any, owner: str) -> Any:
+    """The tower config a dict describes, its class picked by ``model_type`` among ``kinds``
+    (the first when absent); a config object passes through. Shared by dual encoders and VLMs."""
     if not isinstance(data, dict):
         return data  # already a config object
     kind = data.get("model_type", next(iter(kinds)))
@@ -266,8 +268,8 @@ class DualEncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
         data = dict(data)
-        vision = _tower_config(VISION_CONFIGS, data.pop("vision", {}), "vision")
-        text = _tower_config(TEXT_CONFIGS, data.pop("text", {}), "text")
+        vision = tower_config(VISION_CONFIGS, data.pop("vision", {}), "vision")
+        text = tower_config(TEXT_CONFIGS, data.pop("text", {}), "text")
         return from_dict(cls, {**data, "vision": vision, "text": text}, "model")
 
     def replace(self, **changes: Any) -> DualEncoderConfig:

@@ -27,9 +27,9 @@ from imagefm.config import (
     EfficientNetLiteConfig,
     ImageCard,
     VisionConfig,
-    _tower_config,
     check_choice,
     from_dict,
+    tower_config,
 )
 from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
 from imagefm.models.decoder_config import DecoderConfig
@@ -108,7 +108,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
         data = dict(data)
-        vision = _tower_config(VISION_CONFIGS, data.pop("vision"), "vision")
+        vision = tower_config(VISION_CONFIGS, data.pop("vision"), "vision")
         lm = DecoderConfig.from_dict(data.pop("lm"))
         return from_dict(cls, {**data, "vision": vision, "lm": lm}, "vlm")
 
