@@ -4,7 +4,8 @@
 #   * issue 4: the training step of ViT-B/16 at batch 256, bf16, torch.compile: the current step
 #     (fused AdamW, no host read-back) against open_clip, and the previous step (foreach AdamW,
 #     two host syncs per step) alone, for MFU;
-#   * issue 5: server throughput with dynamic batching on and off, the model on the GPU;
+#   * issue 5 (met on the CPU in bf16; for the record): server throughput with dynamic
+#     batching on and off, the model on the GPU;
 #   * issue 6: decode speed of SmolLM2 on the GPU, ours against transformers.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     # default: $OUT, else ./gpu-results

@@ -1,5 +1,5 @@
-"""Behaviour of the server's fast paths for image requests (no timing assertions here: the speed
-is measured by benchmarks/bench_search.py). Base64 is decoded strictly first and stripped of
+"""Base64 images in requests, through the server's fast path (its speed is measured by
+benchmarks/bench_search.py, not here). Base64 is decoded strictly first and stripped of
 whitespace only when that fails; both ways must give the same bytes and the same errors."""
 
 from __future__ import annotations
