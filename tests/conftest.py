@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# No test may reach the real Hugging Face Hub: huggingface_hub runs offline (a cache-only rule
+# it reads at import) unless a test uses the `hub` fixture, our own Hub on 127.0.0.1.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
@@ -77,3 +82,17 @@ def tiny_vlm(tiny_llama_dir: Path):
                          act="gelu")
     return compose_vlm(VisionTransformer(tower), imagefm.load(tiny_llama_dir),
                        projector="pixel_shuffle", pixel_shuffle=2).eval()
+
+
+# A Hugging Face Hub of our own on 127.0.0.1 (tests/hub_server.py): huggingface_hub (and the
+# copies other modules took of its settings) points at it and at a fresh cache under
+# tmp_path / "hf_home" for the test; everything is restored after. Nothing leaves 127.0.0.1.
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("huggingface_hub")
+    from hub_env import huggingface_hub_pointed_at
+    from hub_server import HubServer
+
+    with HubServer() as server, huggingface_hub_pointed_at(server, tmp_path / "hf_home",
+                                                           monkeypatch):
+        yield server

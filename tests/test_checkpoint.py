@@ -10,12 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 import imagefm
-from imagefm.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    detect_format,
-    load_state_dict_file,
-)
+from imagefm.checkpoint import CheckpointError, atomic_write_text, load_state_dict_file
+from imagefm.loading import detect_format
 from imagefm.cli import app
 from imagefm.models.dual_encoder import DualEncoder
 

@@ -146,7 +146,7 @@ def test_imagefm_format_round_trip_keeps_weights_tokenizer_and_template(
     from typer.testing import CliRunner
 
     import imagefm
-    from imagefm.checkpoint import detect_format
+    from imagefm.loading import detect_format
     from imagefm.cli import app
 
     model = imagefm.load(tiny_llama_dir)

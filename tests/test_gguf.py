@@ -14,7 +14,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import imagefm  # noqa: E402
-from imagefm.checkpoint import CheckpointError, detect_format  # noqa: E402
+from imagefm.checkpoint import CheckpointError
+from imagefm.loading import detect_format  # noqa: E402
 from imagefm.convert.gguf import DEQUANTIZED_HERE, dequantize, load_gguf, read_gguf  # noqa: E402
 from imagefm.convert.keymap import KeyMapError  # noqa: E402
 

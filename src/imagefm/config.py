@@ -15,8 +15,10 @@ from typing import Any, ClassVar, TypeVar
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu", "silu")
 VISION_POOLS = ("cls", "map", "mean")
 TEXT_POOLS = ("argmax", "eos", "last", "first")
-PROJECTIONS = ("linear", "linear_bias", "none")
-RESIZE_MODES = ("shortest", "squash")
+# mlp: Linear -> GELU -> Linear, no biases, hidden (width + embed_dim) // 2 (open_clip's
+# HFTextEncoder proj_type "mlp")
+PROJECTIONS = ("linear", "linear_bias", "none", "mlp")
+RESIZE_MODES = ("shortest", "squash", "naflex")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
@@ -62,6 +64,11 @@ class VisionConfig:
     # grid ("Early convolutions help transformers see better"), much faster to train when small.
     stem: str = "patch"
     model_type: str = "vit"  # the tower kind (see VISION_CONFIGS)
+    # NaFlex (SigLIP 2's variable resolution and aspect ratio): the input is the processor's
+    # patches [B, N, C*p*p] with pixel_attention_mask and spatial_shapes, embedded by a Linear;
+    # the square position grid (image_size / patch_size a side) is resized to each image's own
+    # patch grid (bilinear, antialiased), and padding patches are masked out of attention/pooling.
+    naflex: bool = False
 
     def __post_init__(self) -> None:
         check_choice("vision.model_type", self.model_type, ("vit",))
@@ -82,6 +89,9 @@ class VisionConfig:
                               f"vision.patch_size ({self.patch_size})")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("vision.pool = 'cls' needs vision.class_token = true")
+        if self.naflex and (self.class_token or self.stem != "patch"):
+            raise ConfigError("vision.naflex = true needs class_token = false and stem = 'patch' "
+                              "(NaFlex embeds each patch with one Linear, no class token)")
 
     @property
     def grid_size(self) -> int:
@@ -157,7 +167,9 @@ class EfficientNetLiteConfig:
 @dataclass(frozen=True)
 class BertConfig:
     """A BERT text encoder (post-LN blocks, learned positions and token types), pooled as
-    sentence-transformers does (``mean`` over real tokens) or at ``[CLS]`` (``first``)."""
+    sentence-transformers does (``mean`` over real tokens), at ``[CLS]`` (``first``) or through
+    BERT's pooler (``pooler``: dense + tanh over ``[CLS]``, HF's ``pooler_output``). RoBERTa and
+    XLM-RoBERTa are this tower with ``positions = "roberta"`` (and one token type)."""
 
     causal: ClassVar[bool] = False  # bidirectional; read by the tokenizer pooling checks
 
@@ -172,13 +184,21 @@ class BertConfig:
     mlp_dim: int = 1536
     act: str = "gelu"
     norm_eps: float = 1e-12
-    pool: str = "mean"  # mean | first
+    pool: str = "mean"  # mean | first | pooler
     pad_token_id: int = 0
+    # arange: position i for column i (BERT). roberta: RoBERTa's create_position_ids_from_input_ids,
+    # pad_token_id + 1 + the token's index among the non-pad tokens; pad tokens at pad_token_id.
+    positions: str = "arange"
+    # given: attention_mask as passed (none: every token attends); pad_id: tokens equal to
+    # pad_token_id are masked out whatever is passed (open_clip's HFTextEncoder).
+    padding_mask: str = "given"
 
     def __post_init__(self) -> None:
         check_choice("text.model_type", self.model_type, ("bert",))
         check_choice("text.act", self.act, ACTIVATIONS)
-        check_choice("text.pool", self.pool, ("mean", "first"))
+        check_choice("text.pool", self.pool, ("mean", "first", "pooler"))
+        check_choice("text.positions", self.positions, ("arange", "roberta"))
+        check_choice("text.padding_mask", self.padding_mask, ("given", "pad_id"))
         _check_positive("text", vocab_size=self.vocab_size, context_length=self.context_length,
                         max_positions=self.max_positions, type_vocab_size=self.type_vocab_size,
                         width=self.width, layers=self.layers, heads=self.heads,
@@ -186,9 +206,18 @@ class BertConfig:
         if self.width % self.heads:
             raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads "
                               f"({self.heads})")
-        if self.context_length > self.max_positions:
-            raise ConfigError(f"text.context_length ({self.context_length}) exceeds "
-                              f"text.max_positions ({self.max_positions})")
+        if self.context_length > self.max_text_length:
+            raise ConfigError(f"text.context_length ({self.context_length}) exceeds the "
+                              f"{self.max_text_length} tokens text.max_positions "
+                              f"({self.max_positions}) leaves with positions = "
+                              f"{self.positions!r}")
+
+    @property
+    def max_text_length(self) -> int:
+        """The longest text the position table holds (RoBERTa's first pad_token_id + 1 rows are
+        never used by text)."""
+        offset = self.pad_token_id + 1 if self.positions == "roberta" else 0
+        return self.max_positions - offset
 
 
 # Tower kinds by the ``model_type`` saved in each tower's config (absent: the first kind).
@@ -217,6 +246,12 @@ class ImageCard:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # naflex only (SigLIP 2): keep the aspect ratio, resize so that at most max_num_patches
+    # patches of patch_size pixels cover the image, and give the patches themselves, padded to
+    # max_num_patches (imagefm.data.naflex); image_size is then informational only: the side of
+    # the square image that fills the patch budget.
+    patch_size: int | None = None
+    max_num_patches: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("preprocess.resize_mode", self.resize_mode, RESIZE_MODES)
@@ -229,6 +264,13 @@ class ImageCard:
         # JSON gives lists; keep tuples so the card stays hashable and frozen.
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        naflex = self.resize_mode == "naflex"
+        if naflex != (self.patch_size is not None) or naflex != (self.max_num_patches is not None):
+            raise ConfigError("preprocess.patch_size and preprocess.max_num_patches are set "
+                              "exactly when preprocess.resize_mode = 'naflex'")
+        if naflex:
+            _check_positive("preprocess", patch_size=self.patch_size,
+                            max_num_patches=self.max_num_patches)
 
 
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -369,6 +411,11 @@ def default_card(config: DualEncoderConfig) -> ImageCard:
         # TF EfficientNet-Lite: (pixel - 127) / 128 on 0..255; ImageNet eval resizes bilinearly.
         return ImageCard(config.vision.image_size, "shortest", "bilinear", LITE_MEAN_STD[0],
                          LITE_MEAN_STD[1])
+    if getattr(config.vision, "naflex", False):  # SigLIP 2 NaFlex: budget = the position grid
+        mean, std = HALF_MEAN_STD
+        return ImageCard(config.vision.image_size, "naflex", "bilinear", mean, std,
+                         patch_size=config.vision.patch_size,
+                         max_num_patches=config.vision.grid_size**2)
     if config.model_type == "siglip":
         mean, std = HALF_MEAN_STD
         return ImageCard(config.vision.image_size, "squash", "bilinear", mean, std)

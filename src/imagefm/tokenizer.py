@@ -461,15 +461,23 @@ class Tokenizer:
 
         Settings come from those files: ``tokenizer_class`` picks the CLIP (BOS + EOS) or SigLIP
         (canonicalise, EOS) rule; special tokens and ``model_max_length`` give ids and length.
+        SigLIP 2 ships Gemma's tokenizer (``Siglip2Tokenizer``, or ``GemmaTokenizer`` next to a
+        config.json whose model_type is ``siglip``/``siglip2``): lower-cased, no BOS, ``<eos>``
+        appended, padded with ``<pad>`` to 64 tokens, as it was trained (big_vision) and as
+        transformers' ``Siglip2Tokenizer`` does. (transformers' AutoTokenizer gives the plain
+        GemmaTokenizer, which does not lower-case, for the fixed-resolution ``siglip`` ones.)
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} is not a directory (expected an HF checkpoint)")
         config = _read_json_if_present(directory / "tokenizer_config.json")
         config.update(_read_json_if_present(directory / "special_tokens_map.json"))
-        tokenizer_class = str(config.get("tokenizer_class", ""))
-        is_siglip = tokenizer_class.lower().startswith("siglip")
-        is_clip = tokenizer_class.lower().startswith("clip")
+        tokenizer_class = str(config.get("tokenizer_class", "")).lower()
+        model_type = _read_json_if_present(directory / "config.json").get("model_type")
+        is_siglip2 = tokenizer_class.startswith("siglip2") or (
+            tokenizer_class.startswith("gemma") and model_type in ("siglip", "siglip2"))
+        is_siglip = tokenizer_class.startswith("siglip") and not is_siglip2
+        is_clip = tokenizer_class.startswith("clip")
 
         backend = _backend_from_hf_dir(directory, prefer_sentencepiece=is_siglip, clip=is_clip)
         if is_siglip and backend.kind != "sentencepiece":
@@ -479,7 +487,7 @@ class Tokenizer:
             token = _token_content(config.get(key, default))
             return None if token is None else _required_id(backend, token, directory)
 
-        default_length = 64 if is_siglip else 77
+        default_length = 64 if is_siglip or is_siglip2 else 77
         length = config.get("model_max_length", default_length)
         # HF writes a huge sentinel when no length was set.
         if not isinstance(length, int) or length >= 100_000:
@@ -493,6 +501,16 @@ class Tokenizer:
                 bos_id=special_id("bos_token", CLIP_BOS),
                 eos_id=eos_id,
                 lowercase=False,  # CLIP's backend normaliser lower-cases
+            )
+        elif is_siglip2:
+            settings = TokenizerSettings(
+                context_length=context_length,
+                pad_id=special_id("pad_token", "<pad>"),
+                bos_id=special_id("bos_token", "<bos>") if config.get("add_bos_token") else None,
+                eos_id=(special_id("eos_token", "<eos>")
+                        if config.get("add_eos_token", True) else None),
+                lowercase=bool(config.get("do_lower_case", True)),
+                backend=backend.kind,
             )
         elif is_siglip:
             eos_id = special_id("eos_token", "</s>")

@@ -74,30 +74,20 @@ class VLMProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VLMProcessor:
-        """The processor of an imagefm VLM or HF LLaVA directory, without loading weights."""
-        from imagefm.checkpoint import CHAT_TEMPLATE_FILE, detect_format, read_meta
+        """The processor of an imagefm VLM directory, without loading weights (other formats:
+        ``imagefm.load_processor``, which detects the format)."""
+        from imagefm.checkpoint import CHAT_TEMPLATE_FILE, read_meta
+        from imagefm.config import from_dict
+        from imagefm.models.vlm import VLMConfig
+        from imagefm.tokenizer import Tokenizer
 
         path = Path(path)
-        if detect_format(path) == "hf_llava":
-            from imagefm.convert.hf import _read_json
-            from imagefm.convert.llama import load_lm_tokenizer, read_chat_template
-            from imagefm.convert.llava import config_from_llava, llava_card
-
-            config, vision_type = config_from_llava(_read_json(path / "config.json"))
-            card = llava_card(path, config, vision_type)
-            tokenizer = load_lm_tokenizer(path, config.lm)
-            source = read_chat_template(path)
-        else:
-            from imagefm.config import from_dict
-            from imagefm.models.vlm import VLMConfig
-            from imagefm.tokenizer import Tokenizer
-
-            meta = read_meta(path)
-            config = VLMConfig.from_dict(meta["config"])
-            card = from_dict(ImageCard, meta["preprocess"], "preprocess")
-            tokenizer = Tokenizer.from_pretrained(path)
-            template_file = path / CHAT_TEMPLATE_FILE
-            source = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        meta = read_meta(path)
+        config = VLMConfig.from_dict(meta["config"])
+        card = from_dict(ImageCard, meta["preprocess"], "preprocess")
+        tokenizer = Tokenizer.from_pretrained(path)
+        template_file = path / CHAT_TEMPLATE_FILE
+        source = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
         return cls.from_parts(config, card, tokenizer, source)
 
     @classmethod

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-from imagefm import __version__
+from imagefm.version import __version__
 
 app = typer.Typer(
     name="imagefm",
@@ -18,7 +18,7 @@ app = typer.Typer(
 
 # Modules under imagefm.cli that contribute commands through `register(app)`.
 COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm", "vlm",
-                   "chat", "adapt")
+                   "chat", "adapt", "catalog")
 
 
 def _version(value: bool) -> None:

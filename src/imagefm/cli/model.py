@@ -1,4 +1,4 @@
-"""Commands about checkpoints: ``imagefm info`` and ``imagefm convert``."""
+"""Commands about checkpoints: ``imagefm info``, ``imagefm convert`` and ``imagefm download``."""
 
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def _fmt(values: tuple[float, ...]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
-        path: Path = typer.Argument(..., help="Checkpoint: imagefm, Hugging Face or open_clip."),
+        path: Path = typer.Argument(..., help="Checkpoint: imagefm, Hugging Face, open_clip or "
+                                              "GGUF; a path or a Hub id (org/name)."),
         arch: str = typer.Option(None, help="open_clip architecture of a bare state-dict file."),
     ) -> None:
         """Print a checkpoint's architecture, parameter count and preprocessing card."""
@@ -166,3 +167,28 @@ def register(app: typer.Typer) -> None:
         else:
             model.save_pretrained(dst)
         typer.echo(f"wrote {to} checkpoint to {dst}")
+
+    @app.command()
+    def download(
+        repo: str = typer.Argument(..., metavar="ID",
+                                   help="Hub id: org/name or hf-hub:org/name (optionally @rev)."),
+        revision: str = typer.Option(None, help="Branch, tag or commit (default: main)."),
+        cache_dir: Path = typer.Option(None, help="Hub cache (default: HF_HUB_CACHE / HF_HOME)."),
+        filename: str = typer.Option(None, help="The one weight file to take (GGUF repos)."),
+        token: str = typer.Option(None, envvar="HF_TOKEN", show_envvar=False,
+                                  help="Hub token for gated or private repos (default: HF_TOKEN "
+                                       "or `hf auth login`)."),
+    ) -> None:
+        """Fill the Hub cache with what `imagefm.load(ID)` needs, for machines that go offline."""
+        from imagefm.hub import HubError, describe_download, parse_hub_id
+        from imagefm.loading import detect_format, locate
+
+        if parse_hub_id(repo) is None:
+            raise HubError(f"{repo!r} is not a hub id (org/name or hf-hub:org/name) or is a "
+                           f"local path")
+        path = locate(repo, revision=revision, cache_dir=cache_dir, token=token,
+                      filename=filename)
+        summary = describe_download(path)
+        typer.echo(f"{repo}: {detect_format(path)} checkpoint, {summary['files']} files, "
+                   f"{summary['bytes'] / 1e6:.1f} MB in {path}")
+        typer.echo("offline later: HF_HUB_OFFLINE=1 imagefm ... (same HF_HOME / cache)")

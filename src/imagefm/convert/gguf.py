@@ -13,7 +13,8 @@ back to that numpy implementation.
 Two things differ from a Hugging Face checkpoint besides the names:
 * llama.cpp's converter permutes the rows of Llama's q/k projections so that each head's rotary
   pairs are adjacent (GPT-J layout); :class:`RotaryUnpermute` restores HF's rotate-half layout.
-  Qwen2 files keep the NeoX/rotate-half layout and are not permuted.
+  Qwen2 and Qwen3 files keep the NeoX/rotate-half layout and are not permuted (nor are Qwen3's
+  per-head q/k norm weights, ``blk.{i}.attn_q_norm`` / ``attn_k_norm``).
 * GGML shapes list the fastest dimension first; a [rows, cols] matrix is stored as [cols, rows].
 """
 
@@ -29,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagefm.checkpoint import CheckpointError
+from imagefm.checkpoint import CheckpointError, load_dtype
 from imagefm.convert.keymap import KeyMap, Rule, Transform, load_with_key_map, rule
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.quantized import GGUF_TYPES, QuantizedLinear, kernel_status, replace_linears
 
 GGUF_MAGIC = b"GGUF"
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Architectures whose q/k rows llama.cpp's converter permutes (HF rotate-half -> GGML pairs).
 PERMUTED_ROTARY = ("llama",)
 
@@ -277,7 +278,8 @@ def gguf_key_map(config: DecoderConfig, architecture: str) -> KeyMap:
     k_transform = RotaryUnpermute(config.kv_heads) if permute else Transform()
     names = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_v": "attn.v_proj",
              "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj",
-             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm"}  # last two: Qwen3
     rules: list[Rule] = [rule("token_embd.weight", "embed_tokens.weight"),
                          rule("output_norm.weight", "norm.weight")]
     for p in ("weight", "bias"):
@@ -343,6 +345,7 @@ def config_from_gguf(file: GGUFFile) -> DecoderConfig:
             qkv_bias="blk.0.attn_q.bias" in file.tensors,
             o_bias="blk.0.attn_output.bias" in file.tensors,
             mlp_bias="blk.0.ffn_gate.bias" in file.tensors,
+            qk_norm=arch == "qwen3",  # llama.cpp requires the q/k norms of every qwen3 layer
             tie_embeddings="output.weight" not in file.tensors,
             bos_token_id=file.metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
@@ -495,9 +498,9 @@ def _one_thread() -> Iterator[None]:
 # --- load ----------------------------------------------------------------------------------------
 
 def load_gguf(path: str | Path, *, strict: bool = True,
-              dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> DecoderLM:
-    """Load a Llama/Qwen2 GGUF file as a :class:`DecoderLM` (weights dequantised to ``dtype``),
-    with its tokenizer and chat template. ``strict`` fails on any tensor mismatch.
+              dtype: torch.dtype | None = None, keep_quantized: bool = False) -> DecoderLM:
+    """Load a Llama/Qwen2/Qwen3 GGUF file as a :class:`DecoderLM` (weights dequantised to
+    ``dtype``), with its tokenizer and chat template. ``strict`` fails on any tensor mismatch.
 
     ``keep_quantized=True`` keeps the linear layers (and the output projection) that the file
     stores as Q4_0, Q4_1 or Q8_0 in their blocks, as :class:`QuantizedLinear`: the same weights,
@@ -507,6 +510,7 @@ def load_gguf(path: str | Path, *, strict: bool = True,
     """
     file = read_gguf(path)
     config = config_from_gguf(file)
+    dtype = dtype or load_dtype()
     model = DecoderLM.for_loading(config, dtype) if strict else DecoderLM(config).to(dtype)
     weights = {}
     with _one_thread():

@@ -32,6 +32,7 @@ import torch
 from imagefm.checkpoint import (
     CheckpointError,
     atomic_write_text,
+    empty_parameters,
     load_sharded,
     load_state_dict_file,
     save_state_dict,
@@ -367,7 +368,8 @@ def load_hf(path: str | Path, *, strict: bool = True) -> DualEncoder:
     """
     directory = Path(path)
     config = config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
-    model = DualEncoder(config, _read_card(directory, config))
+    with empty_parameters():
+        model = DualEncoder(config, _read_card(directory, config))
     load_with_key_map(model, KEY_MAPS[config.model_type], read_hf_weights(directory),
                       strict=strict, where=str(directory))
     model.tokenizer = load_tokenizer_files(directory)
@@ -466,6 +468,12 @@ def _hf_tokenizer_config(tokenizer: Any, model_type: str) -> dict[str, Any]:
     data = {"tokenizer_class": "CLIPTokenizer" if model_type == "clip" else "SiglipTokenizer",
             "model_max_length": tokenizer.context_length, "eos_token": token(tokenizer.eos_id),
             "pad_token": token(tokenizer.pad_id)}
+    if model_type == "siglip" and tokenizer.settings()["backend"] == "tokenizers":
+        # SigLIP 2's Gemma tokenizer (tokenizer.json): HF's SiglipTokenizer needs spiece.model.
+        data.update(tokenizer_class="GemmaTokenizer", padding_side="right",
+                    add_bos_token=tokenizer.bos_id is not None,
+                    add_eos_token=tokenizer.eos_id is not None,
+                    do_lower_case=tokenizer.settings()["lowercase"])
     if tokenizer.bos_id is not None:
         data["bos_token"] = token(tokenizer.bos_id)
     return data

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from imagefm.checkpoint import CheckpointError
+from imagefm.checkpoint import CheckpointError, load_into
 
 Shape = tuple[int, ...]
 
@@ -326,5 +326,5 @@ def load_with_key_map(
             raise KeyMapError(f"checkpoint does not match its key map:\n{report}\n"
                               f"(pass strict=False to load the matching tensors anyway)", report)
         warnings.warn(f"loading a partial checkpoint:\n{report}", stacklevel=2)
-    model.load_state_dict(state, strict=False)
+    load_into(model, state)
     return report

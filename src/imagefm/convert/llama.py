@@ -1,4 +1,5 @@
-"""Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directories to imagefm and back.
+"""Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` directories to
+imagefm and back.
 
 Reading: ``config.json`` -> :class:`DecoderConfig` (transformers' defaults for absent fields
 written down here; ``transformers`` is never imported), the weights (single or sharded
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from imagefm.checkpoint import CheckpointError, atomic_write_text, save_state_dict
+from imagefm.checkpoint import CheckpointError, atomic_write_text, load_dtype, save_state_dict
 from imagefm.config import ConfigError
 from imagefm.convert.hf import read_hf_weights
 from imagefm.convert.keymap import KeyMap, Rule, load_with_key_map, rule
@@ -27,10 +28,11 @@ from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
 
 CONFIG_FILE = "config.json"
-LM_MODEL_TYPES = ("llama", "qwen2")
+LM_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
-# transformers' defaults for fields a config.json may leave out (configuration_llama.py /
-# configuration_qwen2.py). num_key_value_heads None means "as many as attention heads".
+# transformers' defaults for fields a config.json may leave out (configuration_llama.py,
+# configuration_qwen2.py, configuration_qwen3.py). num_key_value_heads None means "as many as
+# attention heads".
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
@@ -42,8 +44,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                   hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
                   tie_word_embeddings=False, use_sliding_window=False, head_dim=None,
                   bos_token_id=None, eos_token_id=None, pad_token_id=None),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  head_dim=128, hidden_act="silu", max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                  use_sliding_window=False, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None),
 }
 DEFAULT_ROPE_THETA = 10000.0
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu"}  # anything else is refused by DecoderConfig
 
 
@@ -60,6 +70,8 @@ def hf_lm_key_map(config: DecoderConfig) -> KeyMap:
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         rules += [rule(f"{layer}.self_attn.{proj}.{p}", f"blocks.{{i}}.attn.{proj}.{p}")
                   for p in ("weight", "bias")]
+    rules += [rule(f"{layer}.self_attn.{norm}.weight", f"blocks.{{i}}.attn.{norm}.weight")
+              for norm in ("q_norm", "k_norm")]  # Qwen3
     for proj in ("gate_proj", "up_proj", "down_proj"):
         rules += [rule(f"{layer}.mlp.{proj}.{p}", f"blocks.{{i}}.mlp.{proj}.{p}")
                   for p in ("weight", "bias")]
@@ -105,14 +117,16 @@ def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def config_from_hf_lm(hf: dict[str, Any], where: str = CONFIG_FILE) -> DecoderConfig:
-    """Our config from the ``config.json`` of a ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``."""
+    """Our config from the ``config.json`` of a ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+    ``Qwen3ForCausalLM``."""
     model_type = hf.get("model_type")
     if model_type not in LM_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not a decoder LM imagefm "
                               f"reads ({', '.join(LM_MODEL_TYPES)})")
     # An explicit null stays null (bos_token_id: null means "no BOS", not Llama's default 1).
     c = {**_DEFAULTS[model_type], **hf}
-    if c.get("use_sliding_window"):
+    if c.get("use_sliding_window") or any(kind != "full_attention"
+                                          for kind in c.get("layer_types") or ()):
         raise CheckpointError(f"{where}: sliding-window attention is not supported")
     if c.get("pretraining_tp", 1) not in (None, 1):
         warnings.warn(f"{where}: pretraining_tp={c['pretraining_tp']} is ignored (it only "
@@ -131,8 +145,9 @@ def config_from_hf_lm(hf: dict[str, Any], where: str = CONFIG_FILE) -> DecoderCo
                                                                        str(c["hidden_act"])),
             norm_eps=float(c["rms_norm_eps"]),
             context_length=int(c["max_position_embeddings"]),
-            qkv_bias=model_type == "qwen2" or bias, o_bias=model_type == "llama" and bias,
-            mlp_bias=bool(c.get("mlp_bias", False)),
+            # Qwen2: q/k/v biases always; Llama and Qwen3: attention_bias on all four.
+            qkv_bias=model_type == "qwen2" or bias, o_bias=model_type != "qwen2" and bias,
+            mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
             tie_embeddings=bool(c["tie_word_embeddings"]),
             bos_token_id=c.get("bos_token_id"), eos_token_ids=_ids(c.get("eos_token_id")),
             pad_token_id=c.get("pad_token_id"), **_rope(hf, where))
@@ -146,10 +161,16 @@ def config_to_hf_lm(config: DecoderConfig) -> dict[str, Any]:
         raise CheckpointError("Qwen2ForCausalLM has q/k/v biases and no others; this config "
                               f"has qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, "
                               f"mlp_bias={config.mlp_bias}")
-    if config.model_type == "llama" and config.qkv_bias != config.o_bias:
-        raise CheckpointError("LlamaForCausalLM's attention_bias covers q/k/v and o together; "
-                              f"this config has qkv_bias={config.qkv_bias}, "
+    if config.model_type in ("llama", "qwen3") and config.qkv_bias != config.o_bias:
+        raise CheckpointError(f"{config.model_type}'s attention_bias covers q/k/v and o "
+                              f"together; this config has qkv_bias={config.qkv_bias}, "
                               f"o_bias={config.o_bias}")
+    if config.model_type == "qwen3" and config.mlp_bias:
+        raise CheckpointError("Qwen3ForCausalLM has no MLP biases; this config has mlp_bias=True")
+    if config.qk_norm != (config.model_type == "qwen3"):
+        raise CheckpointError(f"of the HF decoders only Qwen3ForCausalLM has a q/k norm; this "
+                              f"config has model_type={config.model_type!r}, "
+                              f"qk_norm={config.qk_norm}")
     rope: dict[str, Any] = {"rope_type": config.rope_scaling}
     if config.rope_scaling != "default":
         rope["factor"] = config.rope_factor
@@ -159,8 +180,7 @@ def config_to_hf_lm(config: DecoderConfig) -> dict[str, Any]:
                     original_max_position_embeddings=config.rope_original_context)
     eos = list(config.eos_token_ids)
     hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM" if config.model_type == "llama"
-                          else "Qwen2ForCausalLM"],
+        "architectures": [_HF_CLASSES[config.model_type]],
         "model_type": config.model_type, "vocab_size": config.vocab_size,
         "hidden_size": config.width, "intermediate_size": config.mlp_dim,
         "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
@@ -174,6 +194,8 @@ def config_to_hf_lm(config: DecoderConfig) -> dict[str, Any]:
     }
     if config.model_type == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if config.model_type == "qwen3":
+        hf.update(attention_bias=config.qkv_bias, use_sliding_window=False)
     return hf
 
 
@@ -232,14 +254,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def load_hf_lm(path: str | Path, *, strict: bool = True,
-               dtype: torch.dtype = torch.float32) -> DecoderLM:
-    """Load a Hugging Face Llama/Qwen2 causal-LM directory as a :class:`DecoderLM`, with its
+               dtype: torch.dtype | None = None) -> DecoderLM:
+    """Load a Hugging Face Llama/Qwen2/Qwen3 causal-LM directory as a :class:`DecoderLM`, with its
     tokenizer and chat template when present. ``strict`` fails on any key mismatch."""
     directory = Path(path)
     config = config_from_hf_lm(_read_config(directory), str(directory / CONFIG_FILE))
+    dtype = dtype or load_dtype()
     model = DecoderLM.for_loading(config, dtype) if strict else DecoderLM(config).to(dtype)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v
-               for k, v in read_hf_weights(directory).items()}
+    # Read lazily, one tensor at a time; a model built on the meta device takes them as they are.
+    weights = read_hf_weights(directory)
     load_with_key_map(model, hf_lm_key_map(config), weights, strict=strict,
                       where=str(directory))
     model.tokenizer = load_lm_tokenizer(directory, config)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from imagefm.checkpoint import CheckpointError
+from imagefm.checkpoint import CheckpointError, empty_parameters
 from imagefm.config import ConfigError
 from imagefm.convert.hf import (
     _CLIP_VISION_DEFAULTS,
@@ -43,6 +43,7 @@ from imagefm.convert.llama import (
     read_chat_template,
 )
 from imagefm.models.vlm import VLM, VLMConfig
+from imagefm.vlm_processor import VLMProcessor
 
 _TOWERS = {  # vision_config.model_type -> (defaults, structure, key map)
     "clip_vision_model": (_CLIP_VISION_DEFAULTS,
@@ -145,7 +146,8 @@ def load_llava(path: str | Path, *, strict: bool = True) -> VLM:
     directory = Path(path)
     hf = _read_json(directory / CONFIG_FILE)
     config, vision_type = config_from_llava(hf, str(directory / CONFIG_FILE))
-    model = VLM(config, llava_card(directory, config, vision_type))
+    with empty_parameters():
+        model = VLM(config, llava_card(directory, config, vision_type))
     weights = read_hf_weights(directory)
     key_map = llava_key_map(config, vision_type, list(weights))
     load_with_key_map(model, key_map, weights, strict=strict, where=str(directory))
@@ -161,3 +163,12 @@ def llava_card(directory: Path, config: VLMConfig, vision_type: str) -> Any:
     kind = "siglip" if vision_type == "siglip_vision_model" else "clip"
     return card_from_hf(pre, SimpleNamespace(model_type=kind, vision=config.vision), str(path))
 
+
+def load_llava_processor(path: str | Path) -> VLMProcessor:
+    """The :class:`~imagefm.vlm_processor.VLMProcessor` of an HF LLaVA directory, without
+    loading its weights."""
+    directory = Path(path)
+    config, vision_type = config_from_llava(_read_json(directory / CONFIG_FILE))
+    card = llava_card(directory, config, vision_type)
+    tokenizer = load_lm_tokenizer(directory, config.lm)
+    return VLMProcessor.from_parts(config, card, tokenizer, read_chat_template(directory))

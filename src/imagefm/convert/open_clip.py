@@ -7,10 +7,13 @@ Two ways an open_clip model arrives:
 * a bare state-dict file plus the name of an open_clip architecture (``arch="ViT-B-32"``), whose
   JSON is read from the installed open_clip package's ``model_configs/`` without importing it.
 
-Only the standard ViT CLIP towers are supported. Everything in a config that changes the
-computed function is either translated into our config or refused with an error naming the field
-(timm or Hugging Face towers, attentional poolers, CoCa, layer scale, custom attention blocks...).
-open_clip's text tower never masks padding, so ``use_padding_mask`` is off.
+The standard ViT CLIP towers are supported, timm's SigLIP ViTs as image towers
+(``open_clip_timm``), and Hugging Face BERT / RoBERTa / XLM-R text towers (``hf_text``; their
+config.json comes from a local ``hf_model_name`` directory or ``hf_text=``). Everything in a
+config that changes the computed function is either translated into our config or refused with
+an error naming the field (other timm or Hugging Face towers, attentional poolers, CoCa, layer
+scale, custom attention blocks...).
+open_clip's own text tower never masks padding, so ``use_padding_mask`` is off.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import torch
 from imagefm.checkpoint import (
     CheckpointError,
     atomic_write_text,
+    empty_parameters,
     load_state_dict_file,
     save_state_dict,
 )
 from imagefm.config import (
     CLIP_MEAN_STD,
+    BertConfig,
     ConfigError,
     DualEncoderConfig,
     ImageCard,
@@ -39,7 +44,19 @@ from imagefm.config import (
     VisionConfig,
 )
 from imagefm.convert.hf import load_tokenizer_files
+from imagefm.convert.hf_text import (
+    open_clip_hf_text,
+    open_clip_hf_text_config,
+    open_clip_hf_text_rules,
+    open_clip_hf_text_tokenizer,
+)
 from imagefm.convert.keymap import TRANSPOSE, KeyMap, Rule, load_with_key_map, reshape, rule, split
+from imagefm.convert.open_clip_timm import (
+    is_timm_tower,
+    open_clip_hf_tokenizer,
+    timm_vision_config,
+    with_timm_vision,
+)
 from imagefm.models.dual_encoder import DualEncoder
 
 CONFIG_FILE = "open_clip_config.json"
@@ -125,12 +142,9 @@ def _check_fields(cfg: dict[str, Any], known: set[str], owner: str) -> None:
             accepted, what = _REFUSED_UNLESS[name]
             # Compare types too: 0 == False, yet ls_init_value = 0 is a (zero) layer scale.
             if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
-                hint = ""
-                if name == "timm_model_name" and "siglip" in str(value):
-                    hint = "; load the Hugging Face SiglipModel release of this model instead"
                 raise UnsupportedOpenClipConfig(
                     f"{owner}.{name} = {value!r}: {what} is not supported by imagefm's dual "
-                    f"encoder{hint}")
+                    f"encoder")
         elif name not in known and name not in _HARMLESS:
             raise UnsupportedOpenClipConfig(f"{owner}.{name} is an unknown or unsupported "
                                             f"open_clip config field")
@@ -208,8 +222,11 @@ def _text_config(t: dict[str, Any], quick_gelu: bool) -> TextConfig:
         use_padding_mask=False)
 
 
-def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
-    """Our config from an open_clip model config; refuses what we cannot express."""
+def config_from_open_clip(model_cfg: dict[str, Any],
+                          hf_text_config: dict[str, Any] | None = None) -> DualEncoderConfig:
+    """Our config from an open_clip model config; refuses what we cannot express.
+    ``hf_text_config``: the config.json of a Hugging Face text tower (``text_cfg.hf_model_name``;
+    read from a local ``hf_model_name`` directory when not given, see ``hf_text``)."""
     for name, why in _TOP_REFUSED.items():
         if name in model_cfg:
             raise UnsupportedOpenClipConfig(why)
@@ -222,12 +239,27 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> DualEncoderConfig:
     bias = model_cfg.get("init_logit_bias")
     proj = "none" if text_cfg.get("proj_type") == "none" else (
         "linear_bias" if text_cfg.get("proj_bias") else "linear")
+    vision_cfg = model_cfg.get("vision_cfg", {})
     try:
+        if is_timm_tower(vision_cfg):  # a timm ViT (SigLIP): see open_clip_timm
+            vision, image_proj = timm_vision_config(vision_cfg)
+        else:
+            vision, image_proj = _vision_config(vision_cfg, quick_gelu), "linear"
+        if text_cfg.get("hf_model_name"):  # open_clip's HFTextEncoder: see hf_text
+            # Only hf_* fields reach it; the others are CLIPTextCfg's, which it ignores.
+            known = _TEXT_FIELDS | _TEXT_HARMLESS | _HARMLESS | set(_REFUSED_UNLESS)
+            unknown = sorted(set(text_cfg) - known)
+            if unknown:
+                raise UnsupportedOpenClipConfig(f"text_cfg: unknown open_clip config field(s) "
+                                                f"{unknown}")
+            hf = hf_text_config or open_clip_hf_text_config(text_cfg)
+            text, proj = open_clip_hf_text(text_cfg, hf, model_cfg["embed_dim"])
+        else:
+            text = _text_config(text_cfg, quick_gelu)
         return DualEncoderConfig(
             model_type="clip" if bias is None else "siglip",  # a logit bias means sigmoid loss
-            vision=_vision_config(model_cfg.get("vision_cfg", {}), quick_gelu),
-            text=_text_config(text_cfg, quick_gelu),
-            embed_dim=model_cfg["embed_dim"], image_projection="linear", text_projection=proj,
+            vision=vision, text=text,
+            embed_dim=model_cfg["embed_dim"], image_projection=image_proj, text_projection=proj,
             init_logit_scale=float(model_cfg.get("init_logit_scale", math.log(1 / 0.07))),
             init_logit_bias=None if bias is None else float(bias))
     except (ConfigError, KeyError) as err:
@@ -295,7 +327,12 @@ def open_clip_key_map(config: DualEncoderConfig, text_prefix: str = "",
     elif config.text_projection == "linear_bias":  # proj_bias: an nn.Linear
         rules.append(rule(f"{p}text_projection.weight", "text_proj.weight"))
         rules.append(rule(f"{p}text_projection.bias", "text_proj.bias"))
-    return KeyMap(f"open_clip {'CustomTextCLIP' if p else 'CLIP'}", tuple(rules), _IGNORE)
+    ignore = _IGNORE
+    if isinstance(config.text, BertConfig):  # an HFTextEncoder: text.transformer.*, text.proj
+        hf_rules, hf_ignore = open_clip_hf_text_rules(config)
+        rules = [r for r in rules if not r.ours[0].startswith(("text.", "text_proj."))]
+        rules, ignore, p = [*rules, *hf_rules], (*_IGNORE, *hf_ignore), "text."
+    return KeyMap(f"open_clip {'CustomTextCLIP' if p else 'CLIP'}", tuple(rules), ignore)
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -341,12 +378,17 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return state
 
 
-def _tokenizer(directory: Path | None, model_cfg: dict[str, Any], context_length: int) -> Any:
+def _tokenizer(directory: Path | None, model_cfg: dict[str, Any], context_length: int,
+               hf_text: str | Path | None = None,
+               hf_text_config: dict[str, Any] | None = None) -> Any:
     """Our own saved tokenizer, else open_clip's default CLIP BPE (what open_clip itself uses
     when the config names no other tokenizer), else HF tokenizer files, else None."""
     if directory is not None and (directory / "imagefm_tokenizer.json").is_file():
         return load_tokenizer_files(directory)
     text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):  # a Hugging Face text tower's own tokenizer
+        return open_clip_hf_text_tokenizer(directory, text_cfg, context_length, hf_text,
+                                           (hf_text_config or {}).get("model_type"))
     default = not any(text_cfg.get(k) for k in ("hf_tokenizer_name", "tokenizer_mode",
                                                   "tokenizer_kwargs"))
     if default:
@@ -356,39 +398,60 @@ def _tokenizer(directory: Path | None, model_cfg: dict[str, Any], context_length
             return Tokenizer.from_open_clip(context_length)
         except FileNotFoundError:
             pass
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip_hf_tokenizer(directory, text_cfg)
     return load_tokenizer_files(directory) if directory is not None else None
 
 
-def load_open_clip(path: str | Path, *, arch: str | None = None,
-                   strict: bool = True) -> DualEncoder:
-    """Load an open_clip checkpoint: a hub-style directory, or a state-dict file plus ``arch``."""
+def _hf_text_config(model_cfg: dict[str, Any], hf_text: str | Path | None
+                    ) -> dict[str, Any] | None:
+    text_cfg = model_cfg.get("text_cfg", {})
+    return open_clip_hf_text_config(text_cfg, hf_text) if text_cfg.get("hf_model_name") else None
+
+
+def load_open_clip(path: str | Path, *, arch: str | None = None, strict: bool = True,
+                   hf_text: str | Path | None = None) -> DualEncoder:
+    """Load an open_clip checkpoint: a hub-style directory, or a state-dict file plus ``arch``.
+
+    ``hf_text``: for a Hugging Face text tower (``text_cfg.hf_model_name``, e.g.
+    ``xlm-roberta-base-ViT-B-32``), a directory holding that text model's config.json (and
+    tokenizer files, when the checkpoint has none); not needed when ``hf_model_name`` is itself
+    a local directory.
+    """
     path = Path(path)
     model_cfg, preprocess_cfg, weights = _source(path, arch)
-    config = config_from_open_clip(model_cfg)
+    hf_config = _hf_text_config(model_cfg, hf_text)
+    config = config_from_open_clip(model_cfg, hf_config)
     card = card_from_open_clip(preprocess_cfg, config.vision.image_size)
-    model = DualEncoder(config, card)
+    with empty_parameters():
+        model = DualEncoder(config, card)
     state = _strip_module_prefix(load_state_dict_file(weights))
     text_prefix = "text." if any(k.startswith("text.") for k in state) else ""
     logit_shape = (1,) if model_cfg.get("nonscalar_logit_scale") else ()
     key_map = open_clip_key_map(config, text_prefix, logit_shape)
+    if is_timm_tower(model_cfg.get("vision_cfg", {})):
+        key_map = with_timm_vision(key_map, config, model_cfg["vision_cfg"])
     load_with_key_map(model, key_map, state, strict=strict, where=str(weights))
     model.tokenizer = _tokenizer(path if path.is_dir() else None, model_cfg,
-                                 config.text.context_length)
+                                 config.text.context_length, hf_text, hf_config)
     return model.eval()
 
 
 def load_open_clip_processor(path: str | Path, *, arch: str | None = None,
-                             preprocess_cfg: dict[str, Any] | None = None) -> Any:
+                             preprocess_cfg: dict[str, Any] | None = None,
+                             hf_text: str | Path | None = None) -> Any:
     """The processor of an open_clip checkpoint. ``preprocess_cfg`` overrides the directory's
     (a bare state dict has none: open_clip's defaults apply unless you give the pretrained
-    tag's values here)."""
+    tag's values here); ``hf_text`` as for :func:`load_open_clip`."""
     from imagefm.processor import Processor
 
     path = Path(path)
     model_cfg, pre, _ = _source(path, arch)
-    config = config_from_open_clip(model_cfg)
+    hf_config = _hf_text_config(model_cfg, hf_text)
+    config = config_from_open_clip(model_cfg, hf_config)
     card = card_from_open_clip({**pre, **(preprocess_cfg or {})}, config.vision.image_size)
-    tokenizer = _tokenizer(path if path.is_dir() else None, model_cfg, config.text.context_length)
+    tokenizer = _tokenizer(path if path.is_dir() else None, model_cfg, config.text.context_length,
+                           hf_text, hf_config)
     return Processor(card, tokenizer)
 
 
@@ -397,6 +460,10 @@ def load_open_clip_processor(path: str | Path, *, arch: str | None = None,
 def config_to_open_clip(config: DualEncoderConfig) -> dict[str, Any]:
     """The open_clip ``model_cfg`` equal to ``config`` (raises naming what open_clip lacks)."""
     v, t = config.vision, config.text
+    if isinstance(t, BertConfig):
+        raise CheckpointError("cannot export this model to open_clip format: its text tower is "
+                              "BERT-family (open_clip's HFTextEncoder needs the Hugging Face "
+                              "model it names); save it in imagefm format instead")
     problems = []
     for name, have, need in (("vision.class_token", v.class_token, True),
                              ("vision.patch_bias", v.patch_bias, False),

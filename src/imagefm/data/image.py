@@ -255,6 +255,9 @@ class ImageProcessor:
     """
 
     def __init__(self, card: ImageCard, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if card.resize_mode == "naflex":
+            raise ValueError("a NaFlex card gives patches, not square images: use "
+                             "imagefm.data.naflex.NaFlexImageProcessor (or imagefm.Processor)")
         self.card = card
         self.size = card.image_size
         self.max_pixels = max_pixels

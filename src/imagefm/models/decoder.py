@@ -1,12 +1,13 @@
-"""A Llama/Qwen2-family decoder language model with a preallocated KV cache.
+"""A Llama/Qwen2/Qwen3-family decoder language model with a preallocated KV cache.
 
     ids ─► embed_tokens ─► N × [x + attn(attn_norm(x)), x + mlp(mlp_norm(x))] ─► norm ─► lm_head
-                              attn: q/k/v (+bias) ─► rotary ─► grouped-query SDPA ─► o_proj
+                              attn: q/k/v (+bias, +norm) ─► rotary ─► grouped-query SDPA ─► o_proj
                               mlp:  down(silu(gate(x)) * up(x))
 
-The numerics follow Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (RMSNorm in
-float32, rotate-half rotary layout, cos/sin tables in float32), so converted checkpoints give the
-same logits (tests/test_decoder_parity.py).
+The numerics follow Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+``Qwen3ForCausalLM`` (RMSNorm in float32, rotate-half rotary layout, cos/sin tables in float32),
+so converted checkpoints give the same logits (tests/test_decoder_parity.py, test_qwen3.py).
+Qwen3's q/k norm (``config.qk_norm``) is that RMSNorm over each head, before the rotation.
 
 A VLM feeds ``inputs_embeds`` instead of ``input_ids`` (image features spliced into the token
 embeddings); everything else is unchanged.
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagefm.checkpoint import empty_parameters, has_meta_parameters
 from imagefm.models.decoder_config import DecoderConfig
-from imagefm.models.quantized import QuantizedLinear
+from imagefm.models.quantized import QuantizedLinear, describe_quantization
 
 IGNORE_INDEX = -100  # label value excluded from the loss (prompt, padding, image tokens)
 
@@ -108,12 +110,22 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
                 bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, L, 1, head_dim] for ``position_ids`` [B, L]. ``bound``, when known,
-        exceeds every position (saves reading the largest one back from the device)."""
+        exceeds every position (saves reading the largest one back from the device).
+
+        M-RoPE (``config.mrope_section``) also takes ``position_ids`` [3, B, L]: frequency pair
+        j rotates by the temporal, height or width position, whichever section j falls in."""
         self._ensure(bound if bound is not None else int(position_ids.max()) + 1,
                      position_ids.device)
-        cos = self._cos[position_ids].unsqueeze(2).to(dtype)
-        sin = self._sin[position_ids].unsqueeze(2).to(dtype)
-        return cos, sin
+        cos, sin = self._cos[position_ids], self._sin[position_ids]
+        if position_ids.dim() == 3:
+            sections = self.config.mrope_section
+            if not sections:
+                raise ValueError("position_ids [3, B, L] need a config with mrope_section")
+            row = torch.repeat_interleave(torch.arange(3, device=cos.device),
+                                          torch.tensor(sections, device=cos.device)).repeat(2)
+            pick = row.expand(1, *cos.shape[1:])  # [1, B, L, head_dim]: the row per column
+            cos, sin = cos.gather(0, pick)[0], sin.gather(0, pick)[0]
+        return cos.unsqueeze(2).to(dtype), sin.unsqueeze(2).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +199,9 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        # M-RoPE: per-row offset [B] of the positions the model derives for new tokens (a prompt
+        # with images uses fewer positions than tokens); set with the prompt, kept while decoding.
+        self.rope_deltas: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -215,6 +230,9 @@ class DecoderAttention(nn.Module):
         self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, width, bias=config.o_bias)
+        # Qwen3: RMSNorm over each head's query / key (one weight of head_dim for all heads).
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self._qkv = _FusedLinear(("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -223,8 +241,11 @@ class DecoderAttention(nn.Module):
         b, n, _ = x.shape
         h, kv = self.heads, self.kv_heads
         qkv = self._qkv(self, x).view(b, n, h + 2 * kv, self.head_dim)
+        qk = qkv[:, :, : h + kv]
+        if self.q_norm is not None:  # before the rotation, as Qwen3
+            qk = torch.cat([self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])], dim=2)
         # q and k rotate together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qkv[:, :, : h + kv], cos, sin)
+        qk = apply_rotary(qk, cos, sin)
         q = qk[:, :, :h].transpose(1, 2)
         k = qk[:, :, h:].transpose(1, 2)
         v = qkv[:, :, h + kv:].transpose(1, 2)
@@ -293,6 +314,8 @@ class DecoderLM(nn.Module):
     ChatML) so a checkpoint is self-contained.
     """
 
+    architecture = "decoder_lm"  # the name imagefm.json records (imagefm.loading maps it back)
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -326,7 +349,12 @@ class DecoderLM(nn.Module):
                     device: torch.device | str = "cpu") -> DecoderLM:
         """A model whose parameters are allocated but not initialised, for a loader that then
         fills every one of them (a strict load). Skips the random initialisation, which costs
-        more than reading a small model's weights."""
+        more than reading a small model's weights. Inside imagefm.load the parameters stay on
+        the meta device and the loader assigns the checkpoint's tensors (no copy at all)."""
+        with empty_parameters():
+            model = cls(config)
+        if has_meta_parameters(model):
+            return model
         with torch.device("meta"):
             model = cls(config)
         return model.to_empty(device=device).to(dtype)
@@ -338,6 +366,11 @@ class DecoderLM(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What imagefm.json records besides the config: a quantised model's layer counts."""
+        quantization = describe_quantization(self)
+        return {"quantization": quantization} if quantization is not None else {}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write an imagefm checkpoint (weights, config, tokenizer files, chat template)."""
@@ -371,7 +404,8 @@ class DecoderLM(nn.Module):
 
         ``attention_mask`` [B, past + L] (1 = token, 0 = padding) covers the cached positions
         too, as in HF. Positions default to the running count of real tokens, so a left-padded
-        row computes what the same row unpadded would. With ``cache`` the new keys/values are
+        row computes what the same row unpadded would, plus ``cache.rope_deltas`` when set;
+        M-RoPE models may pass ``position_ids`` [3, B, L]. With ``cache`` the new keys/values are
         appended to it. ``logits_to_keep`` > 0 computes logits for the last that many positions
         only (generation needs one). ``labels`` [B, L] give the next-token loss (IGNORE_INDEX
         positions excluded).
@@ -398,6 +432,9 @@ class DecoderLM(nn.Module):
             else:
                 running = attention_mask.long().cumsum(-1) - 1
                 position_ids = running.clamp(min=0)[:, past:]
+            if cache is not None and cache.rope_deltas is not None:
+                position_ids = position_ids + cache.rope_deltas.to(x.device)[:, None]
+                bound = None
         mask, is_causal = None, False
         if attention_mask is not None:
             mask = decoder_attention_mask(attention_mask, past, length, x.device)

@@ -1,8 +1,9 @@
-"""Configuration of a Llama/Qwen2-family decoder language model, saved with every checkpoint.
+"""Configuration of a Llama/Qwen2/Qwen3-family decoder language model, saved with every checkpoint.
 
-The two families differ only in data written here, never in code paths chosen by name:
+The families differ only in data written here, never in code paths chosen by name:
 Qwen2 has biases on q/k/v (``qkv_bias``), Llama may have them on all four projections
-(``attention_bias`` in its config.json -> ``qkv_bias`` and ``o_bias``) and on the MLP.
+(``attention_bias`` in its config.json -> ``qkv_bias`` and ``o_bias``) and on the MLP; Qwen3
+normalises each head's queries and keys (``qk_norm``) and sets ``head_dim`` explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from imagefm.config import ConfigError, check_choice, from_dict
 
-MODEL_TYPES = ("llama", "qwen2")
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
@@ -22,12 +23,14 @@ class DecoderConfig:
     """A pre-norm decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
 
     ``head_dim`` 0 means ``width // heads``. ``kv_heads`` < ``heads`` is grouped-query attention.
+    ``qk_norm``: an RMSNorm over each head's query and key (weights of size ``head_dim``, shared
+    by the heads), after the projections and before the rotary embedding (Qwen3).
     Rotary scaling: ``default`` (none), ``linear`` (positions divided by ``rope_factor``) or
     ``llama3`` (Llama 3.1's frequency-dependent rescaling, with the low/high frequency factors
     and the original context length).
     """
 
-    model_type: str = "llama"  # llama | qwen2: the Hugging Face class to export to
+    model_type: str = "llama"  # llama | qwen2 | qwen3: the Hugging Face class to export to
     vocab_size: int = 32000
     width: int = 576
     layers: int = 30
@@ -44,9 +47,13 @@ class DecoderConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    # M-RoPE (Qwen2-VL): the rotary frequency pairs split into temporal / height / width
+    # sections, each rotated by its own row of position_ids [3, B, L]; () = 1-D rotary.
+    mrope_section: tuple[int, ...] = ()
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -77,6 +84,12 @@ class DecoderConfig:
             raise ConfigError("decoder.rope_high_freq_factor must exceed rope_low_freq_factor")
         # JSON gives lists; keep a tuple so the config stays hashable.
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+        object.__setattr__(self, "mrope_section", tuple(int(i) for i in self.mrope_section))
+        pairs = self.attn_head_dim // 2
+        if self.mrope_section and (len(self.mrope_section) != 3 or min(self.mrope_section) < 0
+                                   or sum(self.mrope_section) != pairs):
+            raise ConfigError(f"decoder.mrope_section {list(self.mrope_section)} must be three "
+                              f"sizes (temporal, height, width) summing to head_dim / 2 = {pairs}")
 
     @property
     def attn_head_dim(self) -> int:
@@ -105,6 +118,10 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
     "qwen2-0.5b": DecoderConfig(model_type="qwen2", vocab_size=151936, width=896, layers=24,
                                 heads=14, kv_heads=2, mlp_dim=4864, norm_eps=1e-6,
                                 context_length=32768, rope_theta=1000000.0, qkv_bias=True,
+                                tie_embeddings=True),
+    "qwen3-0.6b": DecoderConfig(model_type="qwen3", vocab_size=151936, width=1024, layers=28,
+                                heads=16, kv_heads=8, head_dim=128, mlp_dim=3072, norm_eps=1e-6,
+                                context_length=40960, rope_theta=1000000.0, qk_norm=True,
                                 tie_embeddings=True),
 }
 

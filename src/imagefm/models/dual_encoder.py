@@ -33,9 +33,27 @@ class DualEncoderOutput:
     logit_bias: torch.Tensor | None
 
 
+class MLPProjection(nn.Module):
+    """``fc2(gelu(fc1(x)))`` without biases (open_clip's ``proj_type = "mlp"`` for HF text
+    towers; its hidden size is the mean of the two widths)."""
+
+    def __init__(self, width: int, embed_dim: int) -> None:
+        super().__init__()
+        hidden = (width + embed_dim) // 2
+        self.fc1 = nn.Linear(width, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, embed_dim, bias=False)
+        nn.init.normal_(self.fc1.weight, std=width**-0.5)
+        nn.init.normal_(self.fc2.weight, std=hidden**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 def _projection(kind: str, width: int, embed_dim: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
+    if kind == "mlp":
+        return MLPProjection(width, embed_dim)
     layer = nn.Linear(width, embed_dim, bias=kind == "linear_bias")
     nn.init.normal_(layer.weight, std=width**-0.5)
     if layer.bias is not None:
@@ -82,6 +100,8 @@ def fit_text_to_tokenizer(config: DualEncoderConfig, tokenizer: Any) -> DualEnco
 class DualEncoder(nn.Module):
     """A CLIP or SigLIP model. ``card`` is the image preprocessing it expects."""
 
+    architecture = "dual_encoder"  # the name imagefm.json records (imagefm.loading maps it back)
+
     def __init__(self, config: DualEncoderConfig, card: ImageCard | None = None) -> None:
         super().__init__()
         self.config = config
@@ -107,11 +127,15 @@ class DualEncoder(nn.Module):
             check_text_pooling(self.config.text, tokenizer)
         self._tokenizer = tokenizer
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor,
+                     pixel_attention_mask: torch.Tensor | None = None,
+                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """Projected image embeddings [B, D], not normalised (as HF ``get_image_features``).
 
         ``pixel_values`` [B, C, H, W], or the image tower's own pooled output [B, width]: how a
         data source that caches a locked tower's features feeds them (the tower is skipped).
+        A NaFlex tower (SigLIP 2) takes its processor's patches [B, N, C*p*p] with
+        ``pixel_attention_mask`` [B, N] and ``spatial_shapes`` [B, 2].
         """
         if pixel_values.dim() == 2:
             if pixel_values.shape[-1] != self.config.vision.width:
@@ -119,7 +143,10 @@ class DualEncoder(nn.Module):
                                  f"{self.config.vision.width}] (the image tower's width), got "
                                  f"{tuple(pixel_values.shape)}")
             return self.image_proj(pixel_values.to(self.logit_scale.dtype))
-        return self.image_proj(self.vision(pixel_values))
+        if pixel_attention_mask is None and spatial_shapes is None:
+            return self.image_proj(self.vision(pixel_values))
+        return self.image_proj(self.vision(pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                           spatial_shapes=spatial_shapes))
 
     def encode_text(self, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,8 +161,11 @@ class DualEncoder(nn.Module):
         return logits
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> DualEncoderOutput:
-        image = F.normalize(self.encode_image(pixel_values), dim=-1)
+                attention_mask: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None,
+                spatial_shapes: torch.Tensor | None = None) -> DualEncoderOutput:
+        image = F.normalize(self.encode_image(pixel_values, pixel_attention_mask, spatial_shapes),
+                            dim=-1)
         text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         logits = self.logits(image, text)
         return DualEncoderOutput(image, text, logits, logits.t(), self.logit_scale.exp(),

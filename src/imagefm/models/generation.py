@@ -127,6 +127,8 @@ def generate_tokens(
     attention_mask: torch.Tensor | None = None,
     *,
     inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    rope_deltas: torch.Tensor | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -145,10 +147,16 @@ def generate_tokens(
     ``input_ids`` [B, L] are the prompts, left-padded when their lengths differ (``attention_mask``
     0 on the padding). ``inputs_embeds`` [B, L, width], when given, replace the prompt's token
     embeddings (a VLM's spliced image features); ``input_ids`` still feed the repetition penalty.
+    ``position_ids`` are the prompt's positions when the model does not derive them (M-RoPE:
+    [3, B, L]); ``rope_deltas`` [B] then shift the positions of every generated token (they are
+    kept on the KV cache, see :class:`~imagefm.models.decoder.KVCache`).
     ``eos_token_id`` defaults to the model config's EOS ids; ``generator`` seeds sampling.
     ``use_cache=False`` recomputes the whole sequence every step (a reference for tests).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if not use_cache and (position_ids is not None or rope_deltas is not None):
+        raise ValueError("use_cache=False recomputes positions itself: it takes no position_ids "
+                         "or rope_deltas")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
@@ -178,7 +186,9 @@ def generate_tokens(
     cache = model.new_cache(batch, length + max_new_tokens) if use_cache else None
     out = model(input_ids=None if inputs_embeds is not None else input_ids,
                 inputs_embeds=inputs_embeds, attention_mask=full_mask[:, :length] if padded
-                else None, cache=cache, logits_to_keep=1)
+                else None, position_ids=position_ids, cache=cache, logits_to_keep=1)
+    if cache is not None:
+        cache.rope_deltas = rope_deltas
     all_ids = input_ids
     embeds = inputs_embeds
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -34,6 +34,7 @@ from imagefm.config import (
 from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import PROJECTORS, Projector
+from imagefm.models.quantized import describe_quantization
 from imagefm.models.towers import build_vision_tower
 from imagefm.models.vit import VisionTransformer
 
@@ -128,6 +129,8 @@ class VLM(nn.Module):
     The tokenizer and chat template live on the inner LM (``vlm.tokenizer`` reads them there),
     so every LM utility (chat templates, stop tokens, streaming) works on ``vlm.lm``.
     """
+
+    architecture = "vlm"  # the name imagefm.json records (imagefm.loading maps it back)
 
     def __init__(self, config: VLMConfig, card: ImageCard | None = None) -> None:
         super().__init__()
@@ -241,6 +244,11 @@ class VLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         getattr(self.vision, "transformer", self.vision).gradient_checkpointing = enabled
         self.lm.gradient_checkpointing = enabled
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What imagefm.json records besides the config: a quantised model's layer counts."""
+        quantization = describe_quantization(self)
+        return {"quantization": quantization} if quantization is not None else {}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write an imagefm checkpoint (weights, config, card, tokenizer, chat template)."""

@@ -356,7 +356,7 @@ def _default_model_name(model: Any, index: Any) -> str:
 
 
 def _version() -> str:
-    from imagefm import __version__
+    from imagefm.version import __version__
 
     return __version__
 

@@ -29,7 +29,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         if config.model.config:
             raise ConfigError("model.config overrides apply to presets only; with model.init the "
                               "architecture comes from the checkpoint")
-        from imagefm.checkpoint import load
+        from imagefm.loading import load
 
         return load(config.model.init).train()
     from imagefm.models.towers import PRESET_TOWERS, build_dual_encoder

@@ -169,7 +169,7 @@ def write_dataset(records: Iterable[Record], out: str | Path, *, name: str, src:
         bar.update(skips.seen - bar.n)
         bar.close()
     shards = {split: [p.name for p in writer.close()] for split, writer in sorted(writers.items())}
-    from imagefm import __version__
+    from imagefm.version import __version__
 
     manifest = {
         "name": name,

@@ -1,0 +1,263 @@
+"""Hugging Face ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``
+directories → imagefm's :class:`~imagefm.models.qwen_vl.QwenVL`.
+
+Detect by ``config.json`` ``model_type`` ``"qwen2_vl"`` or ``"qwen2_5_vl"``. Two key layouts exist
+and both load (the roots are read off the checkpoint's keys):
+
+- the published checkpoints, and what transformers 5 saves: ``visual.*``, ``model.*`` (the LM)
+  and ``lm_head.weight``;
+- transformers 4.52-4.57: ``model.visual.*``, ``model.language_model.*`` and ``lm_head.weight``.
+
+Renamed on the way in: the vision attention's fused ``qkv`` splits into q/k/v_proj and ``proj``
+becomes o_proj; the Conv3d patch embedding (kernel = stride) becomes the ``Linear`` it is; the
+merger's ``ln_q``/``mlp.0``/``mlp.2`` become norm/fc1/fc2 (Qwen2.5-VL's gated vision MLP keeps
+its gate/up/down_proj names). The LM rules are
+:mod:`imagefm.convert.llama`'s, re-rooted. config.json comes in two shapes as well: the published
+one is flat (the LM's fields at the top, ``rope_scaling: {"type": "mrope", ...}``), newer ones nest
+``text_config``; preprocessor_config.json gives min/max pixels, mean and std (``min_pixels`` or
+``size.shortest_edge``; transformers 5 writes them into processor_config.json instead).
+``transformers`` is never imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imagefm.checkpoint import CheckpointError, empty_parameters
+from imagefm.config import ConfigError
+from imagefm.convert.hf import _read_json, read_hf_weights
+from imagefm.convert.keymap import KeyMap, Rule, load_with_key_map, reshape, rule, split
+from imagefm.convert.llama import hf_lm_key_map, load_lm_tokenizer, read_chat_template
+from imagefm.convert.llava import _prefix, _rerooted
+from imagefm.models.decoder_config import DecoderConfig
+from imagefm.models.qwen2_vl_vision import QwenVisionConfig
+from imagefm.models.qwen_vl import QwenImageConfig, QwenVL, QwenVLConfig
+from imagefm.qwen_vl_processor import QwenVLProcessor
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+# transformers' defaults (configuration_qwen2_vl.py, image_processing_qwen2_vl.py) for fields a
+# file may leave out.
+_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+    num_attention_heads=64, num_key_value_heads=8, hidden_act="silu",
+    max_position_embeddings=32768, rms_norm_eps=1e-5, bos_token_id=151643, eos_token_id=151645,
+    pad_token_id=None, use_sliding_window=False)
+_VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu",
+                     mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2),
+    "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420,
+                       num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+}
+_TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656,
+                       vision_start_token_id=151652, vision_end_token_id=151653)
+_TEXT_ROPE_THETA, _VISION_ROPE_THETA = 1000000.0, 10000.0
+_MROPE_SECTION = [16, 24, 24]
+_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "silu": "silu", "relu": "relu"}
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's numbers
+
+
+# --- config.json / preprocessor_config.json → QwenVLConfig ---------------------------------------
+
+def _text_config(hf: dict[str, Any], where: str) -> DecoderConfig:
+    text = hf.get("text_config") or hf  # nested (newer) or flat (the published configs)
+    c = {**_TEXT_DEFAULTS, **text}
+    if c.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: sliding-window attention is not supported")
+    rope = dict(text.get("rope_scaling") or {})
+    rope.update(text.get("rope_parameters") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope"):
+        raise CheckpointError(f"{where}: rope type {kind!r} is not supported (Qwen2-VL uses "
+                              f"M-RoPE without scaling)")
+    eos = c.get("eos_token_id")
+    heads = int(c["num_attention_heads"])
+    return DecoderConfig(
+        model_type="qwen2", vocab_size=int(c["vocab_size"]), width=int(c["hidden_size"]),
+        layers=int(c["num_hidden_layers"]), heads=heads,
+        kv_heads=int(c["num_key_value_heads"] or heads), mlp_dim=int(c["intermediate_size"]),
+        act={"swish": "silu"}.get(c["hidden_act"], c["hidden_act"]),
+        norm_eps=float(c["rms_norm_eps"]), context_length=int(c["max_position_embeddings"]),
+        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", _TEXT_ROPE_THETA))),
+        mrope_section=tuple(rope.get("mrope_section", _MROPE_SECTION)), qkv_bias=True,
+        # Before transformers 5 the flag sat in text_config; 5 reads it at the top.
+        tie_embeddings=bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+        pad_token_id=c.get("pad_token_id"))
+
+
+def _vision_config(hf: dict[str, Any], where: str) -> QwenVisionConfig:
+    model_type = hf["model_type"]
+    v = {**_VISION_DEFAULTS[model_type], **(hf.get("vision_config") or {})}
+    act = v["hidden_act"]
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{where}: vision hidden_act {act!r} is not supported")
+    rope = v.get("rope_parameters") or {}
+    common = dict(layers=int(v["depth"]), heads=int(v["num_heads"]), act=_ACTIVATIONS[act],
+                  patch_size=int(v["patch_size"]),
+                  temporal_patch_size=int(v["temporal_patch_size"]),
+                  in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+                  merge_size=int(v["spatial_merge_size"]),
+                  rope_theta=float(rope.get("rope_theta", _VISION_ROPE_THETA)),
+                  model_type=f"{model_type}_vision")
+    if model_type == "qwen2_vl":  # hidden_size is the LM's width here
+        width = int(v["embed_dim"])
+        return QwenVisionConfig(width=width, mlp_dim=int(width * v["mlp_ratio"]),
+                                out_width=int(v["hidden_size"]), **common)
+    return QwenVisionConfig(  # Qwen2.5-VL: hidden_size is the tower's own width
+        width=int(v["hidden_size"]), mlp_dim=int(v["intermediate_size"]),
+        out_width=int(v["out_hidden_size"]), norm="rmsnorm", gated_mlp=True,
+        window_size=int(v["window_size"]),
+        full_attention_layers=tuple(v["fullatt_block_indexes"]), **common)
+
+
+def image_config_from_hf(pre: dict[str, Any] | None, vision: QwenVisionConfig,
+                         where: str = PREPROCESSOR_FILE) -> QwenImageConfig:
+    """The processor settings of a ``Qwen2VLImageProcessor`` config (defaults when absent);
+    settings our processor does not compute are refused."""
+    pre = dict(pre or {})
+    size = pre.get("size") or {}
+    for key, ours in (("patch_size", vision.patch_size), ("merge_size", vision.merge_size),
+                      ("temporal_patch_size", vision.temporal_patch_size)):
+        if pre.get(key, ours) != ours:
+            raise CheckpointError(f"{where}: {key} {pre[key]} differs from the vision tower's "
+                                  f"{ours}")
+    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if pre.get(flag) is False:
+            raise CheckpointError(f"{where}: {flag} = false is not supported")
+    if abs(pre.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        raise CheckpointError(f"{where}: rescale_factor {pre['rescale_factor']} is not 1/255")
+    resample = pre.get("resample", 3)
+    if resample not in _RESAMPLE:
+        raise CheckpointError(f"{where}: resample {resample!r} is not supported")
+    defaults = QwenImageConfig()
+    try:
+        return QwenImageConfig(
+            min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge")
+                           or defaults.min_pixels),
+            max_pixels=int(pre.get("max_pixels") or size.get("longest_edge")
+                           or defaults.max_pixels),
+            interpolation=_RESAMPLE[resample],
+            mean=tuple(pre.get("image_mean", defaults.mean)),
+            std=tuple(pre.get("image_std", defaults.std)))
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def config_from_qwen2_vl(hf: dict[str, Any], pre: dict[str, Any] | None = None,
+                         where: str = CONFIG_FILE) -> QwenVLConfig:
+    """Our config from a Qwen2-VL / Qwen2.5-VL ``config.json`` (and the image processor's
+    settings)."""
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not one of "
+                              f"{', '.join(MODEL_TYPES)}")
+    try:
+        vision = _vision_config(hf, where)
+        tokens = {k: int(hf.get(k, v)) for k, v in _TOKEN_DEFAULTS.items()}
+        return QwenVLConfig(vision=vision, lm=_text_config(hf, where),
+                            image=image_config_from_hf(pre, vision), model_type=hf["model_type"],
+                            **tokens)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot express this model in imagefm: {err}") from None
+
+
+# --- the key map ---------------------------------------------------------------------------------
+
+def qwen2_vl_key_map(config: QwenVLConfig, keys: list[str]) -> KeyMap:
+    """HF names → ours, for a checkpoint whose key names are ``keys`` (see the module
+    docstring for the layouts)."""
+    vision_root = _prefix(keys, "patch_embed.proj.weight", "visual.")
+    lm_root = _prefix(keys, "embed_tokens.weight", "model.")
+    v = config.vision
+    conv_shape = (v.width, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    block = vision_root + "blocks.{i}."
+    rules: list[Rule] = [rule(vision_root + "patch_embed.proj.weight", "vision.patch_embed.weight",
+                              reshape(conv_shape))]
+    for p in ("weight", "bias"):
+        rules += [
+            rule(f"{block}norm1.{p}", f"vision.blocks.{{i}}.norm1.{p}"),
+            rule(f"{block}norm2.{p}", f"vision.blocks.{{i}}.norm2.{p}"),
+            rule(f"{block}attn.qkv.{p}", [f"vision.blocks.{{i}}.attn.{x}_proj.{p}" for x in "qkv"],
+                 split(3)),
+            rule(f"{block}attn.proj.{p}", f"vision.blocks.{{i}}.attn.o_proj.{p}"),
+            rule(f"{block}mlp.fc1.{p}", f"vision.blocks.{{i}}.mlp.fc1.{p}"),
+            rule(f"{block}mlp.fc2.{p}", f"vision.blocks.{{i}}.mlp.fc2.{p}"),
+            *(rule(f"{block}mlp.{x}.{p}", f"vision.blocks.{{i}}.mlp.{x}.{p}")
+              for x in ("gate_proj", "up_proj", "down_proj")),  # Qwen2.5-VL
+            rule(f"{vision_root}merger.ln_q.{p}", f"vision.merger.norm.{p}"),
+            rule(f"{vision_root}merger.mlp.0.{p}", f"vision.merger.fc1.{p}"),
+            rule(f"{vision_root}merger.mlp.2.{p}", f"vision.merger.fc2.{p}"),
+        ]
+    lm_map = hf_lm_key_map(config.lm)
+    rules += _rerooted(lm_map.rules, "model.", lm_root, "lm.")
+    rules += [rule(r.source, "lm." + r.ours[0]) for r in lm_map.rules
+              if r.source == "lm_head.weight"]
+    ignore = [f"{lm_root}layers.{{i}}.self_attn.rotary_emb.inv_freq",
+              f"{lm_root}rotary_emb.inv_freq", f"{vision_root}rotary_pos_emb.inv_freq"]
+    if config.lm.tie_embeddings:
+        ignore.append("lm_head.weight")  # a saved copy of the tied embedding
+    return KeyMap(f"Hugging Face Qwen2-VL (vision at {vision_root!r}, LM at {lm_root!r})",
+                  tuple(rules), tuple(ignore))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _preprocessor(directory: Path) -> dict[str, Any] | None:
+    """The image processor's settings: preprocessor_config.json (the published checkpoints), or
+    the ``image_processor`` entry of processor_config.json (what transformers 5 writes)."""
+    path = directory / PREPROCESSOR_FILE
+    if path.is_file():
+        return _read_json(path)
+    path = directory / PROCESSOR_FILE
+    return _read_json(path).get("image_processor") if path.is_file() else None
+
+
+def load_qwen2_vl(path: str | Path, *, strict: bool = True) -> QwenVL:
+    """Load an HF Qwen2-VL or Qwen2.5-VL directory (weights, tokenizer, chat template,
+    processor settings).
+    ``strict`` fails on any missing, unexpected or mis-shaped key."""
+    directory = Path(path)
+    config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
+                                  str(directory / CONFIG_FILE))
+    with empty_parameters():  # on the meta device when imagefm.load asks (strict loads)
+        model = QwenVL(config)
+    weights = read_hf_weights(directory)
+    load_with_key_map(model, qwen2_vl_key_map(config, list(weights)), weights, strict=strict,
+                      where=str(directory))
+    model.tokenizer = load_lm_tokenizer(directory, config.lm)
+    model.chat_template = read_chat_template(directory)
+    return model.eval()
+
+
+def load_qwen2_vl_processor(path: str | Path) -> QwenVLProcessor:
+    """The processor of a Qwen2-VL / Qwen2.5-VL directory (HF or imagefm format), without
+    loading weights."""
+    from imagefm.checkpoint import CHAT_TEMPLATE_FILE, read_meta
+    from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
+
+    directory = Path(path)
+    if (directory / IMAGEFM_FILE).is_file():
+        from imagefm.tokenizer import Tokenizer
+
+        meta = read_meta(directory)
+        if meta.get("architecture") != QwenVL.architecture:
+            raise CheckpointError(f"{directory} holds a {meta.get('architecture')!r} model, "
+                                  f"not {QwenVL.architecture!r}")
+        config = QwenVLConfig.from_dict(meta["config"])
+        template = directory / CHAT_TEMPLATE_FILE
+        return QwenVLProcessor(config, Tokenizer.from_pretrained(directory),
+                               template.read_text(encoding="utf-8") if template.is_file()
+                               else None)
+    config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
+                                  str(directory / CONFIG_FILE))
+    return QwenVLProcessor(config, load_lm_tokenizer(directory, config.lm),
+                           read_chat_template(directory))

@@ -1,0 +1,221 @@
+"""The Qwen2-VL processor: conversations + images → ``input_ids``, ``pixel_values``,
+``image_grid_thw`` exactly as transformers' ``Qwen2VLProcessor`` makes them.
+
+Images keep (about) their own size and aspect ratio:
+
+1. ``smart_resize``: round both sides to multiples of 28 (patch 14 × merge 2), then scale so the
+   pixel count lies in [``min_pixels``, ``max_pixels``], keeping the aspect ratio as well as the
+   rounding allows;
+2. resize with PIL (bicubic), ``/255`` and ``(x - mean) / std`` (CLIP's), in the reference's float
+   arithmetic (:mod:`imagefm.data.image`);
+3. patchify: 14x14 patches, ordered 2x2 block by 2x2 block, each row the C, T, P, P values of one
+   patch where the two frames T of a still image are the same picture; ``image_grid_thw`` is
+   (1, height / 14, width / 14) per image.
+
+Text: each ``<|image_pad|>`` (the chat template writes
+``<|vision_start|><|image_pad|><|vision_end|>`` for an image) becomes ``t*h*w / 4`` pad tokens for
+its image, in order, so the model can fill them and check the count.
+
+    proc = QwenVLProcessor.for_model(vlm)          # or convert.qwen2_vl.load_qwen2_vl_processor
+    batch = proc.apply_chat_template([[{"role": "user", "content": [
+        {"type": "image", "image": "cat.jpg"}, {"type": "text", "text": "What is it?"}]}]])
+    out = vlm.generate(**batch, max_new_tokens=32)
+
+The reference resizes with torchvision by default in transformers 5 and with PIL in its
+``Qwen2VLImageProcessorPil`` (and before 5): we match the PIL one exactly; torchvision's bicubic
+differs from PIL's by a grey level here and there (tests/test_qwen2_vl.py bounds it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagefm.chat import ChatTemplate
+from imagefm.data.image import (
+    _RESAMPLING,
+    _array_to_pil,
+    _normalisation_table,
+    _rgb_array,
+    open_image,
+)
+from imagefm.models.qwen_vl import QwenVLConfig
+
+Messages = Sequence[dict[str, Any]]
+MAX_ASPECT_RATIO = 200  # the reference refuses more elongated images
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """(height, width) both multiples of ``factor``, pixel count within [min, max], aspect ratio
+    kept as closely as rounding allows. Python's ``round`` (half to even), as the reference."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image of {width}x{height}: the aspect ratio must be below "
+                         f"{MAX_ASPECT_RATIO}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class QwenVLImageProcessor:
+    """Images → (``pixel_values`` [sum(h*w), C*T*P*P] float32, ``image_grid_thw`` [images, 3])."""
+
+    def __init__(self, config: QwenVLConfig) -> None:
+        vision, image = config.vision, config.image
+        self.patch, self.merge = vision.patch_size, vision.merge_size
+        self.temporal, self.channels = vision.temporal_patch_size, vision.in_channels
+        self.min_pixels, self.max_pixels = image.min_pixels, image.max_pixels
+        self._resample = _RESAMPLING[image.interpolation]
+        self._table = _normalisation_table(image.mean, image.std)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch * self.merge, self.min_pixels,
+                            self.max_pixels)
+
+    def pixels(self, image: Any) -> np.ndarray:
+        """The resized ``uint8`` RGB pixels [H, W, 3] of a path, bytes, PIL image or array."""
+        if isinstance(image, np.ndarray):
+            rgb = _rgb_array(image)
+            pil = Image.fromarray(rgb) if rgb is not None else open_image(_array_to_pil(image))
+        else:
+            pil = open_image(image)
+        height, width = self.target_size(pil.height, pil.width)
+        if (width, height) != pil.size:
+            pil = pil.resize((width, height), self._resample)
+        return np.asarray(pil)
+
+    def patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Normalised patch rows of one image, in the tower's order, and its (t, h, w) grid."""
+        height, width, _ = pixels.shape
+        p, m, t, c = self.patch, self.merge, self.temporal, self.channels
+        normed = np.empty((c, height, width), dtype=np.float32)
+        for channel in range(c):  # table lookup: exactly the reference's float32 values
+            np.take(self._table[channel], pixels[:, :, channel], out=normed[channel])
+        gh, gw = height // p, width // p
+        blocks = normed.reshape(c, gh // m, m, p, gw // m, m, p)
+        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
+        frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
+        return frames.reshape(gh * gw, c * t * p * p), (1, gh, gw)
+
+    def __call__(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        rows, grids = [], []
+        for image in images:
+            patches, grid = self.patchify(self.pixels(image))
+            rows.append(patches)
+            grids.append(grid)
+        return {"pixel_values": torch.from_numpy(np.concatenate(rows)),
+                "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+class QwenVLProcessor:
+    """Tokenizer + chat template + image processor of one Qwen2-VL model."""
+
+    def __init__(self, config: QwenVLConfig, tokenizer: Any, chat_template: str | None) -> None:
+        if tokenizer is None:
+            raise ValueError("a Qwen2-VL processor needs the model's tokenizer")
+        if tokenizer.token_to_id(config.image_token) != config.image_token_id:
+            raise ValueError(f"the tokenizer maps {config.image_token!r} to "
+                             f"{tokenizer.token_to_id(config.image_token)}, the model expects "
+                             f"{config.image_token_id}")
+        self.config = config
+        self.tokenizer = tokenizer  # pieces(): no BOS/EOS added, the template writes its own
+        self.image_processor = QwenVLImageProcessor(config)
+        eos = config.lm.eos_token_ids
+        placeholder = config.vision_start_token + config.image_token + config.vision_end_token
+        self.template = ChatTemplate(chat_template, "",
+                                     (tokenizer.id_to_token(eos[0]) or "") if eos else "",
+                                     placeholder)
+
+    @classmethod
+    def for_model(cls, model: Any) -> QwenVLProcessor:
+        return cls(model.config, model.tokenizer, model.chat_template)
+
+    def render(self, messages: Messages, *, add_generation_prompt: bool = True,
+               **variables: Any) -> str:
+        """The conversation as prompt text, with the model's chat template."""
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt,
+                                    **variables)
+
+    def encode(self, text: str, grids: Iterator[tuple[int, int, int]]) -> list[int]:
+        """Ids of ``text`` with each ``<|image_pad|>`` expanded for the next of ``grids``."""
+        token = self.config.image_token_id
+        ids: list[int] = []
+        for index in self.tokenizer.pieces(text):
+            if index != token:
+                ids.append(index)
+                continue
+            grid = next(grids, None)
+            if grid is None:
+                raise ValueError(f"the text holds more {self.config.image_token} placeholders "
+                                 f"than images were given")
+            ids.extend([token] * self.config.image_tokens(grid))
+        return ids
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None, *,
+                 padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (+ ``pixel_values``,
+        ``image_grid_thw``) for prompts already rendered; ``images`` are those of all texts, in
+        order. Rows are padded on ``padding_side`` (left for generation)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        batch: dict[str, torch.Tensor] = {}
+        grids: list[tuple[int, int, int]] = []
+        if images:
+            batch = self.image_processor(list(images))
+            grids = [tuple(g) for g in batch["image_grid_thw"].tolist()]
+        unused = iter(grids)
+        rows = [self.encode(piece, unused) for piece in texts]
+        left = sum(1 for _ in unused)
+        if left:
+            raise ValueError(f"{len(grids)} image(s) were given but the text holds "
+                             f"{len(grids) - left} {self.config.image_token} placeholder(s)")
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(length - len(row), None) if padding_side == "left" else slice(len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        types = (input_ids == self.config.image_token_id).long() * mask
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types,
+                **batch}
+
+    def apply_chat_template(self, conversations: Messages | Sequence[Messages], *,
+                            add_generation_prompt: bool = True, padding_side: str = "left",
+                            **variables: Any) -> dict[str, torch.Tensor]:
+        """Render one conversation (or a list of them) and process it with the images found in
+        its ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        texts, images = [], []
+        for messages in conversations:
+            texts.append(self.render(messages, add_generation_prompt=add_generation_prompt,
+                                     **variables))
+            for message in messages:
+                content = message["content"]
+                for part in content if isinstance(content, list) else []:
+                    if part.get("type") == "image":
+                        if part.get("image") is None:
+                            raise ValueError("an image part needs its picture under 'image'")
+                        images.append(part["image"])
+        return self(texts, images, padding_side=padding_side)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        return self.tokenizer.decode(ids)
+
+    def batch_decode(self, rows: Any) -> list[str]:
+        return [self.decode(row) for row in rows]
