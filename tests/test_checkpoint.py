@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import imagefm
 from imagefm.checkpoint import CheckpointError, atomic_write_text, load_state_dict_file
-from imagefm.loading import detect_format
 from imagefm.cli import app
+from imagefm.loading import detect_format
 from imagefm.models.dual_encoder import DualEncoder
 
 

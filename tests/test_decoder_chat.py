@@ -146,8 +146,8 @@ def test_imagefm_format_round_trip_keeps_weights_tokenizer_and_template(
     from typer.testing import CliRunner
 
     import imagefm
-    from imagefm.loading import detect_format
     from imagefm.cli import app
+    from imagefm.loading import detect_format
 
     model = imagefm.load(tiny_llama_dir)
     out = model.save_pretrained(tmp_path / "ours")

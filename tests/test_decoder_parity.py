@@ -17,10 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import imagefm  # noqa: E402
-from imagefm.checkpoint import CheckpointError
-from imagefm.loading import detect_format  # noqa: E402
+from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.keymap import KeyMapError  # noqa: E402
 from imagefm.convert.llama import export_hf_lm, load_hf_lm  # noqa: E402
+from imagefm.loading import detect_format  # noqa: E402
 from imagefm.models.decoder import DecoderLM  # noqa: E402
 from imagefm.models.generation import (  # noqa: E402
     apply_repetition_penalty,

@@ -14,10 +14,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import imagefm  # noqa: E402
-from imagefm.checkpoint import CheckpointError
-from imagefm.loading import detect_format  # noqa: E402
+from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.gguf import DEQUANTIZED_HERE, dequantize, load_gguf, read_gguf  # noqa: E402
 from imagefm.convert.keymap import KeyMapError  # noqa: E402
+from imagefm.loading import detect_format  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 BLOCK_TYPES = [name for name in DEQUANTIZED_HERE if name not in ("F32", "F16", "BF16")]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from imagefm.convert import towers
 from imagefm.data.recipes import RECIPES, Recipe, reserved_test_split
 from imagefm.data.records import Caption, Record
-from imagefm.models import towers
 from imagefm.train import recipe_data
 from imagefm.train.config import load_config
 from imagefm.train.distributed import DistInfo

@@ -9,7 +9,7 @@ import torch
 
 from imagefm.apps.zeroshot import encode_tokens
 from imagefm.config import BertConfig, DualEncoderConfig, TextConfig, VisionConfig
-from imagefm.models.towers import build_dual_encoder
+from imagefm.convert.towers import build_dual_encoder
 from imagefm.train.config import LOCAL_TOWERS
 
 VISION = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64)

@@ -17,8 +17,8 @@ from imagefm.config import (
     EfficientNetLiteConfig,
     VisionConfig,
 )
+from imagefm.convert import towers
 from imagefm.convert.keymap import KeyMapError, load_with_key_map
-from imagefm.models import towers
 from imagefm.models.bert import BertEncoder
 from imagefm.models.efficientnet import EfficientNetLite
 from imagefm.train.config import LOCAL_TOWERS

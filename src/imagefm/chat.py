@@ -120,6 +120,21 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+def _generation_tag() -> type:
+    """``{% generation %}...{% endgeneration %}`` (HF's marker of assistant text, e.g. in
+    LLaVA-OneVision's template) renders its body unchanged."""
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationTag
+
+
 def _compile(source: str) -> Any:
     try:
         from jinja2 import TemplateError
@@ -129,7 +144,7 @@ def _compile(source: str) -> Any:
         raise ChatTemplateError("rendering a checkpoint's chat template needs jinja2: "
                                 "pip install jinja2") from None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+                                        extensions=[loopcontrols, _generation_tag()])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -218,3 +233,63 @@ def chat_stops(model: Any) -> tuple[list[int], tuple[str, ...]]:
         elif index not in ids:
             ids.append(index)
     return ids, tuple(strings)
+
+
+def reply_segments(template: ChatTemplate, messages: Sequence[dict[str, Any]]
+                   ) -> list[tuple[str, bool]]:
+    """A whole conversation as ``(text, is_reply)`` pieces, in order, rendered turn by turn with
+    ``template``; joined they are its full rendering.
+
+    Before each assistant turn the conversation so far is rendered as a generation prompt, then
+    with that turn: the new text is the reply. The reply's words and its end-of-turn marker are
+    marked (whitespace after the marker is markup); everything else — system and user turns,
+    image placeholders, the template's own markup, the assistant opening — is not. Training puts
+    labels on the marked pieces only, so nothing is reconstructed afterwards from token ids.
+
+    Some templates open a turn that goes on differently from the generation prompt
+    (LLaVA-OneVision's writes ``assistant \n`` in one and ``assistant\n`` in the other); the
+    turn's opening is then the text its renderings with two different replies share.
+    Raises ChatTemplateError for a template that does not render a conversation as a growing
+    prefix (its earlier turns would change as the conversation grows).
+    """
+    messages = normalize_messages(messages)
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for end, message in enumerate(messages, start=1):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(messages[:end - 1], add_generation_prompt=True)
+        full = template.render(messages[:end], add_generation_prompt=False)
+        if not full.startswith(rendered):
+            raise ChatTemplateError("the chat template does not render a conversation as a "
+                                    "growing prefix; labels cannot be placed turn by turn")
+        if prompt.startswith(rendered) and full.startswith(prompt):
+            opening = prompt[len(rendered):]
+        else:
+            opening = _turn_opening(template, messages[:end - 1], message)[len(rendered):]
+        reply = full[len(rendered) + len(opening):]
+        answer = reply.rstrip()
+        segments += [(opening, False), (answer, True), (reply[len(answer):], False)]
+        rendered = full
+    final = template.render(messages, add_generation_prompt=False)
+    if final.startswith(rendered) and len(final) > len(rendered):
+        segments.append((final[len(rendered):], False))  # e.g. a last user turn with no reply
+    return [(text, is_reply) for text, is_reply in segments if text]
+
+
+def _turn_opening(template: ChatTemplate, before: list[dict[str, Any]],
+                  message: dict[str, Any]) -> str:
+    """The rendering of ``before`` plus the opening of assistant turn ``message``: what the
+    renderings with two different replies (private-use characters, in the content's own form)
+    have in common."""
+    def render(mark: str) -> str:
+        content: Any = mark if isinstance(message["content"], str) else [
+            {"type": "text", "text": mark}]
+        return template.render([*before, {**message, "content": content}],
+                               add_generation_prompt=False)
+
+    first, second = render("\ue000"), render("\ue001")
+    shared = 0
+    while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+        shared += 1
+    return first[:shared]

@@ -388,7 +388,7 @@ PRESETS: dict[str, DualEncoderConfig] = {
         _siglip_text(width=768, layers=12, heads=12, mlp_dim=3072)),
 }
 PRESETS["base"] = PRESETS["clip-vit-b-16"]
-# LiT with real pretrained towers from PyPI (imagefm.models.towers.PRESET_TOWERS): a locked
+# LiT with real pretrained towers from PyPI (imagefm.convert.towers.PRESET_TOWERS): a locked
 # ImageNet EfficientNet-Lite0 and a BERT sentence encoder: multilingual-e5-small (Korean too) or,
 # in lit-effnet-en, the English all-MiniLM-L6-v2.
 PRESETS["lit-effnet"] = DualEncoderConfig(

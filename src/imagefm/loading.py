@@ -17,6 +17,7 @@ the parameters the checkpoint lacks need values.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,11 +52,14 @@ def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
     from imagefm.models.decoder import DecoderLM
     from imagefm.models.decoder_config import DecoderConfig
     from imagefm.models.dual_encoder import DualEncoder
+    from imagefm.models.idefics3 import Idefics3, Idefics3Config
+    from imagefm.models.llava_onevision import LlavaOneVision, OneVisionConfig
     from imagefm.models.qwen_vl import QwenVL, QwenVLConfig
     from imagefm.models.vlm import VLM, VLMConfig
 
     classes = [(DualEncoder, DualEncoderConfig.from_dict), (DecoderLM, DecoderConfig.from_dict),
-               (VLM, VLMConfig.from_dict), (QwenVL, QwenVLConfig.from_dict)]
+               (VLM, VLMConfig.from_dict), (QwenVL, QwenVLConfig.from_dict),
+               (LlavaOneVision, OneVisionConfig.from_dict), (Idefics3, Idefics3Config.from_dict)]
     return {cls.architecture: (cls, parse) for cls, parse in classes}
 
 
@@ -112,7 +116,7 @@ def _stored_shapes(path: Path, state: Any) -> dict[str, torch.Size]:
     return {k: shapes[k] if k in shapes else state[k].shape for k in state}
 
 
-def _imagefm_processor(directory: Path, arch: str | None = None) -> Any:
+def _imagefm_processor(directory: Path) -> Any:
     meta = read_meta(directory)
     if meta.get("architecture") == "vlm":
         from imagefm.vlm_processor import VLMProcessor
@@ -122,6 +126,14 @@ def _imagefm_processor(directory: Path, arch: str | None = None) -> Any:
         from imagefm.convert.qwen2_vl import load_qwen2_vl_processor
 
         return load_qwen2_vl_processor(directory)
+    if meta.get("architecture") == "idefics3":
+        from imagefm.convert.idefics3 import load_idefics3_processor
+
+        return load_idefics3_processor(directory)
+    if meta.get("architecture") == "llava_onevision":
+        from imagefm.onevision_processor import OneVisionProcessor
+
+        return OneVisionProcessor.from_pretrained(directory)
     from imagefm.processor import Processor
     from imagefm.tokenizer import Tokenizer
 
@@ -134,72 +146,31 @@ def _imagefm_processor(directory: Path, arch: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class Format:
-    """A checkpoint format: how to build its model and its processor from a local path."""
+    """A checkpoint format: the functions (``"module:function"``, imported when first used, so
+    ``import imagefm`` stays cheap) that build its model and its processor from a local path.
+    Loaders take ``(path, *, strict)``, processors ``(path)``; ``arch`` goes to both where the
+    format needs it (an open_clip state-dict file)."""
 
     name: str
     summary: str
-    load: Callable[..., torch.nn.Module]  # (path, *, strict, arch) -> model
-    processor: Callable[..., Any] | None  # (path, *, arch) -> processor
+    loader: str
+    processor: str | None = None
+    takes_arch: bool = False
+
+    def load(self, path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
+        extra = {"arch": arch} if self.takes_arch else {}
+        return _function(self.loader)(path, strict=strict, **extra)
+
+    def load_processor(self, path: Path, *, arch: str | None) -> Any:
+        if self.processor is None:
+            raise CheckpointError(f"{path}: a {self.summary} has no image processor; load the "
+                                  f"model and use model.tokenizer")
+        return _function(self.processor)(path, **({"arch": arch} if self.takes_arch else {}))
 
 
-def _hf_dual(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.hf import load_hf
-
-    return load_hf(path, strict=strict)
-
-
-def _hf_dual_processor(path: Path, *, arch: str | None) -> Any:
-    from imagefm.convert.hf import load_hf_processor
-
-    return load_hf_processor(path)
-
-
-def _hf_lm(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.llama import load_hf_lm
-
-    return load_hf_lm(path, strict=strict)
-
-
-def _llava(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.llava import load_llava
-
-    return load_llava(path, strict=strict)
-
-
-def _llava_processor(path: Path, *, arch: str | None) -> Any:
-    from imagefm.convert.llava import load_llava_processor
-
-    return load_llava_processor(path)
-
-
-def _siglip2(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.siglip2 import load_siglip2
-
-    return load_siglip2(path, strict=strict)
-
-
-def _siglip2_processor(path: Path, *, arch: str | None) -> Any:
-    from imagefm.convert.siglip2 import load_siglip2_processor
-
-    return load_siglip2_processor(path)
-
-
-def _qwen2_vl(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.qwen2_vl import load_qwen2_vl
-
-    return load_qwen2_vl(path, strict=strict)
-
-
-def _qwen2_vl_processor(path: Path, *, arch: str | None) -> Any:
-    from imagefm.convert.qwen2_vl import load_qwen2_vl_processor
-
-    return load_qwen2_vl_processor(path)
-
-
-def _gguf(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.gguf import load_gguf
-
-    return load_gguf(path, strict=strict)
+def _function(spec: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _open_clip_text_files(path: Path) -> Path | None:
@@ -219,48 +190,48 @@ def _open_clip_text_files(path: Path) -> Path | None:
     return fetch_text_model_files(name)
 
 
-def _open_clip(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
+def load_open_clip_dir(path: Path, *, strict: bool = True, arch: str | None = None
+                       ) -> torch.nn.Module:
+    """open_clip, with the text tower's files from the Hub where the checkpoint names them."""
     from imagefm.convert.open_clip import load_open_clip
 
     return load_open_clip(path, arch=arch, strict=strict, hf_text=_open_clip_text_files(path))
 
 
-def _open_clip_processor(path: Path, *, arch: str | None) -> Any:
+def load_open_clip_dir_processor(path: Path, *, arch: str | None = None) -> Any:
     from imagefm.convert.open_clip import load_open_clip_processor
 
     return load_open_clip_processor(path, arch=arch, hf_text=_open_clip_text_files(path))
 
 
-def _vision_text(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    from imagefm.convert.vision_text import load_vision_text
-
-    return load_vision_text(path, strict=strict)
-
-
-def _vision_text_processor(path: Path, *, arch: str | None) -> Any:
-    from imagefm.convert.vision_text import load_vision_text_processor
-
-    return load_vision_text_processor(path)
-
-
-def _imagefm(path: Path, *, strict: bool, arch: str | None) -> torch.nn.Module:
-    return load_imagefm(path, strict=strict)
-
-
+_C = "imagefm.convert."
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("imagefm", "imagefm directory (imagefm.json)", _imagefm, _imagefm_processor),
-    Format("hf", "Hugging Face CLIPModel / SiglipModel", _hf_dual, _hf_dual_processor),
-    Format("hf_siglip2", "Hugging Face Siglip2Model (NaFlex)", _siglip2, _siglip2_processor),
+    Format("imagefm", "imagefm directory (imagefm.json)", "imagefm.loading:load_imagefm",
+           "imagefm.loading:_imagefm_processor"),
+    Format("hf", "Hugging Face CLIPModel / SiglipModel", _C + "hf:load_hf",
+           _C + "hf:load_hf_processor"),
+    Format("hf_siglip2", "Hugging Face Siglip2Model (NaFlex)", _C + "siglip2:load_siglip2",
+           _C + "siglip2:load_siglip2_processor"),
     Format("hf_vision_text", "Hugging Face VisionTextDualEncoderModel (BERT / RoBERTa / XLM-R "
-           "text)", _vision_text, _vision_text_processor),
-    Format("hf_lm", "Hugging Face Llama / Qwen2 / Qwen3 causal LM", _hf_lm, None),
-    Format("hf_llava", "Hugging Face LLaVA", _llava, _llava_processor),
-    Format("hf_qwen2_vl", "Hugging Face Qwen2-VL / Qwen2.5-VL", _qwen2_vl, _qwen2_vl_processor),
-    Format("gguf", "GGUF file (llama.cpp)", _gguf, None),
-    Format("open_clip", "open_clip directory (open_clip_config.json)", _open_clip,
-           _open_clip_processor),
-    Format("open_clip_state_dict", "open_clip state-dict file (needs arch=)", _open_clip,
-           _open_clip_processor),
+           "text)", _C + "vision_text:load_vision_text",
+           _C + "vision_text:load_vision_text_processor"),
+    Format("hf_lm", "Hugging Face Llama / Qwen2 / Qwen3 causal LM", _C + "llama:load_hf_lm"),
+    Format("hf_llava", "Hugging Face LLaVA", _C + "llava:load_llava",
+           _C + "llava:load_llava_processor"),
+    Format("hf_idefics3", "Hugging Face Idefics3 / SmolVLM", _C + "idefics3:load_idefics3",
+           _C + "idefics3:load_idefics3_processor"),
+    Format("hf_llava_onevision", "Hugging Face LLaVA-OneVision",
+           _C + "llava_onevision:load_llava_onevision",
+           _C + "llava_onevision:load_llava_onevision_processor"),
+    Format("hf_qwen2_vl", "Hugging Face Qwen2-VL / Qwen2.5-VL", _C + "qwen2_vl:load_qwen2_vl",
+           _C + "qwen2_vl:load_qwen2_vl_processor"),
+    Format("gguf", "GGUF file (llama.cpp)", _C + "gguf:load_gguf"),
+    Format("open_clip", "open_clip directory (open_clip_config.json)",
+           "imagefm.loading:load_open_clip_dir", "imagefm.loading:load_open_clip_dir_processor",
+           takes_arch=True),
+    Format("open_clip_state_dict", "open_clip state-dict file (needs arch=)",
+           "imagefm.loading:load_open_clip_dir", "imagefm.loading:load_open_clip_dir_processor",
+           takes_arch=True),
 )}
 
 # config.json model_type → format, for Hugging Face directories.
@@ -268,8 +239,9 @@ HF_MODEL_TYPES: dict[str, str] = {
     "clip": "hf", "siglip": "hf", "siglip2": "hf_siglip2",
     "vision-text-dual-encoder": "hf_vision_text",
     "llama": "hf_lm", "qwen2": "hf_lm", "qwen3": "hf_lm",
-    "llava": "hf_llava",
+    "llava": "hf_llava", "llava_onevision": "hf_llava_onevision",
     "qwen2_vl": "hf_qwen2_vl", "qwen2_5_vl": "hf_qwen2_vl",
+    "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
 }
 
 
@@ -393,7 +365,7 @@ def load(source: str | Path, *, processor: bool = False, revision: str | None = 
 
 def _processor(fmt: Format, path: Path, arch: str | None, model: Any) -> Any:
     if fmt.processor is not None:
-        return fmt.processor(path, arch=arch)
+        return fmt.load_processor(path, arch=arch)
     return model.tokenizer  # a language model's processor is its tokenizer
 
 
@@ -404,9 +376,5 @@ def load_processor(source: str | Path, *, revision: str | None = None,
     :class:`~imagefm.processor.Processor` for dual encoders, a VLM processor for VLMs. Reads
     no weights (a Hub id fetches the small files and the weights once, for :func:`load`)."""
     path = locate(source, revision=revision, cache_dir=cache_dir, token=token, filename=filename)
-    fmt = FORMATS[detect_format(path)]
-    if fmt.processor is None:
-        raise CheckpointError(f"{path}: a {fmt.summary} has no image processor; load the model "
-                              f"and use model.tokenizer")
-    return fmt.processor(path, arch=arch)
+    return FORMATS[detect_format(path)].load_processor(path, arch=arch)
 

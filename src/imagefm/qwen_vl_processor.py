@@ -14,7 +14,8 @@ Images keep (about) their own size and aspect ratio:
 
 Text: each ``<|image_pad|>`` (the chat template writes
 ``<|vision_start|><|image_pad|><|vision_end|>`` for an image) becomes ``t*h*w / 4`` pad tokens for
-its image, in order, so the model can fill them and check the count.
+its image, in order, so the model can fill them and check the count. Videos (lists of frames)
+go the same way through :mod:`imagefm.qwen_vl_video` and ``<|video_pad|>``.
 
     proc = QwenVLProcessor.for_model(vlm)          # or convert.qwen2_vl.load_qwen2_vl_processor
     batch = proc.apply_chat_template([[{"role": "user", "content": [
@@ -28,7 +29,6 @@ differs from PIL's by a grey level here and there (tests/test_qwen2_vl.py bounds
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,29 +45,9 @@ from imagefm.data.image import (
     open_image,
 )
 from imagefm.models.qwen_vl import QwenVLConfig
+from imagefm.qwen_vl_video import QwenVLVideoProcessor, smart_resize
 
 Messages = Sequence[dict[str, Any]]
-MAX_ASPECT_RATIO = 200  # the reference refuses more elongated images
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """(height, width) both multiples of ``factor``, pixel count within [min, max], aspect ratio
-    kept as closely as rounding allows. Python's ``round`` (half to even), as the reference."""
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image of {width}x{height}: the aspect ratio must be below "
-                         f"{MAX_ASPECT_RATIO}")
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 class QwenVLImageProcessor:
@@ -133,6 +113,7 @@ class QwenVLProcessor:
         self.config = config
         self.tokenizer = tokenizer  # pieces(): no BOS/EOS added, the template writes its own
         self.image_processor = QwenVLImageProcessor(config)
+        self.video_processor = QwenVLVideoProcessor(config)
         eos = config.lm.eos_token_ids
         placeholder = config.vision_start_token + config.image_token + config.vision_end_token
         self.template = ChatTemplate(chat_template, "",
@@ -149,26 +130,36 @@ class QwenVLProcessor:
         return self.template.render(messages, add_generation_prompt=add_generation_prompt,
                                     **variables)
 
-    def encode(self, text: str, grids: Iterator[tuple[int, int, int]]) -> list[int]:
-        """Ids of ``text`` with each ``<|image_pad|>`` expanded for the next of ``grids``."""
-        token = self.config.image_token_id
+    def encode(self, text: str, grids: Iterator[tuple[int, int, int]],
+               video_grids: Iterator[tuple[int, int, int]] | None = None) -> list[int]:
+        """Ids of ``text`` with each ``<|image_pad|>`` expanded for the next of ``grids`` (and
+        each ``<|video_pad|>`` for the next of ``video_grids``)."""
+        config = self.config
+        pads = {config.image_token_id: (grids, config.image_token, "images"),
+                config.video_token_id: (video_grids or iter(()), config.video_token, "videos")}
         ids: list[int] = []
         for index in self.tokenizer.pieces(text):
-            if index != token:
+            if index not in pads:
                 ids.append(index)
                 continue
-            grid = next(grids, None)
+            source, token, what = pads[index]
+            grid = next(source, None)
             if grid is None:
-                raise ValueError(f"the text holds more {self.config.image_token} placeholders "
-                                 f"than images were given")
-            ids.extend([token] * self.config.image_tokens(grid))
+                raise ValueError(f"the text holds more {token} placeholders than {what} were "
+                                 f"given")
+            ids.extend([index] * config.image_tokens(grid))
         return ids
 
-    def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None, *,
+    def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
+                 videos: Sequence[Any] | None = None, *,
+                 fps: float | Sequence[float | None] | None = None,
                  padding_side: str = "left") -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (+ ``pixel_values``,
         ``image_grid_thw``) for prompts already rendered; ``images`` are those of all texts, in
-        order. Rows are padded on ``padding_side`` (left for generation)."""
+        order. Rows are padded on ``padding_side`` (left for generation). ``videos`` (each a
+        list of frames or a [T, H, W, C] array, :mod:`imagefm.qwen_vl_video`) add
+        ``pixel_values_videos``, ``video_grid_thw`` and, for Qwen2.5-VL, ``second_per_grid_ts``
+        from ``fps`` (one rate, or one per video; default ``config.video.fps``)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
@@ -177,12 +168,16 @@ class QwenVLProcessor:
         if images:
             batch = self.image_processor(list(images))
             grids = [tuple(g) for g in batch["image_grid_thw"].tolist()]
-        unused = iter(grids)
-        rows = [self.encode(piece, unused) for piece in texts]
-        left = sum(1 for _ in unused)
-        if left:
-            raise ValueError(f"{len(grids)} image(s) were given but the text holds "
-                             f"{len(grids) - left} {self.config.image_token} placeholder(s)")
+        video_grids = self._add_videos(batch, videos, fps)
+        unused, unused_videos = iter(grids), iter(video_grids)
+        rows = [self.encode(piece, unused, unused_videos) for piece in texts]
+        for given, rest, what, token in ((grids, unused, "image", self.config.image_token),
+                                         (video_grids, unused_videos, "video",
+                                          self.config.video_token)):
+            left = sum(1 for _ in rest)
+            if left:
+                raise ValueError(f"{len(given)} {what}(s) were given but the text holds "
+                                 f"{len(given) - left} {token} placeholder(s)")
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -190,18 +185,39 @@ class QwenVLProcessor:
             span = slice(length - len(row), None) if padding_side == "left" else slice(len(row))
             input_ids[i, span] = torch.tensor(row, dtype=torch.long)
             mask[i, span] = 1
-        types = (input_ids == self.config.image_token_id).long() * mask
+        types = ((input_ids == self.config.image_token_id).long()
+                 + 2 * (input_ids == self.config.video_token_id).long()) * mask
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types,
                 **batch}
+
+    def _add_videos(self, batch: dict[str, torch.Tensor], videos: Sequence[Any] | None,
+                    fps: float | Sequence[float | None] | None) -> list[tuple[int, int, int]]:
+        """Put the videos' tensors into ``batch`` (as the reference: ``second_per_grid_ts`` for
+        Qwen2.5-VL only); their grids, in order."""
+        if not videos:
+            return []
+        config = self.config
+        if self.tokenizer.token_to_id(config.video_token) != config.video_token_id:
+            raise ValueError(f"the tokenizer maps {config.video_token!r} to "
+                             f"{self.tokenizer.token_to_id(config.video_token)}, the model "
+                             f"expects {config.video_token_id}")
+        out = self.video_processor(list(videos), fps)
+        seconds = out.pop("second_per_grid_ts")
+        if config.model_type == "qwen2_5_vl":
+            out["second_per_grid_ts"] = seconds
+        batch.update(out)
+        return [tuple(g) for g in out["video_grid_thw"].tolist()]
 
     def apply_chat_template(self, conversations: Messages | Sequence[Messages], *,
                             add_generation_prompt: bool = True, padding_side: str = "left",
                             **variables: Any) -> dict[str, torch.Tensor]:
         """Render one conversation (or a list of them) and process it with the images found in
-        its ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts."""
+        its ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts and the
+        videos of its ``{"type": "video", "video": <frames or [T, H, W, C] array>, "fps": ...}``
+        parts (``fps`` optional)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        texts, images = [], []
+        texts, images, videos, rates = [], [], [], []
         for messages in conversations:
             texts.append(self.render(messages, add_generation_prompt=add_generation_prompt,
                                      **variables))
@@ -212,7 +228,12 @@ class QwenVLProcessor:
                         if part.get("image") is None:
                             raise ValueError("an image part needs its picture under 'image'")
                         images.append(part["image"])
-        return self(texts, images, padding_side=padding_side)
+                    elif part.get("type") == "video":
+                        if part.get("video") is None:
+                            raise ValueError("a video part needs its frames under 'video'")
+                        videos.append(part["video"])
+                        rates.append(part.get("fps"))
+        return self(texts, images, videos, fps=rates, padding_side=padding_side)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         return self.tokenizer.decode(ids)

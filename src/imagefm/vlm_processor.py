@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from imagefm.chat import ChatTemplate, content_text, normalize_messages
+from imagefm.chat import ChatTemplate, content_text, normalize_messages, reply_segments
 from imagefm.config import ImageCard
 from imagefm.models.decoder import IGNORE_INDEX
 
@@ -134,28 +134,10 @@ class VLMProcessor:
         messages = normalize_messages(messages)
         ids: list[int] = []
         labels: list[int] = []
-        rendered = ""
-        for end, message in enumerate(messages, start=1):
-            if message["role"] != "assistant":
-                continue
-            prompt = self.render(messages[:end - 1], add_generation_prompt=True)
-            full = self.render(messages[:end], add_generation_prompt=False)
-            if not (prompt.startswith(rendered) and full.startswith(prompt)):
-                raise ValueError("the chat template does not render a conversation as a "
-                                 "growing prefix; labels cannot be placed turn by turn")
-            context = self.encode(prompt[len(rendered):])
-            reply = full[len(prompt):]
-            answer = reply.rstrip()  # the trailing newline after the end marker is markup
-            answer_ids = self.encode(answer)
-            tail_ids = self.encode(reply[len(answer):]) if len(answer) < len(reply) else []
-            ids += context + answer_ids + tail_ids
-            labels += [IGNORE_INDEX] * len(context) + answer_ids + [IGNORE_INDEX] * len(tail_ids)
-            rendered = full
-        final = self.render(messages, add_generation_prompt=False)
-        if final.startswith(rendered) and len(final) > len(rendered):
-            rest = self.encode(final[len(rendered):])  # e.g. a last user turn with no reply
-            ids += rest
-            labels += [IGNORE_INDEX] * len(rest)
+        for text, is_reply in reply_segments(self.template, messages):
+            piece = self.encode(text)
+            ids += piece
+            labels += piece if is_reply else [IGNORE_INDEX] * len(piece)
         if not any(label != IGNORE_INDEX for label in labels):
             raise ValueError("the conversation has no assistant turn to learn from")
         if len(ids) > self.context_length:

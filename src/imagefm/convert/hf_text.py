@@ -83,7 +83,7 @@ def hf_text_rules(source: str, ours: str = "text.", *, pooler: bool) -> list[Rul
     """Rules from a ``BertModel``/``RobertaModel``/``XLMRobertaModel`` under the ``source``
     prefix (``text_model.``) to our BertEncoder under ``ours`` (``text.``); with the pooler's
     dense layer when the tower pools with it."""
-    from imagefm.models.towers import bert_key_map
+    from imagefm.convert.towers import bert_key_map
 
     rules = [rule(r.source, [ours + name for name in r.ours], r.transform)
              for r in bert_key_map(source).rules]

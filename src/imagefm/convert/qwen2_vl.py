@@ -15,12 +15,17 @@ its gate/up/down_proj names). The LM rules are
 :mod:`imagefm.convert.llama`'s, re-rooted. config.json comes in two shapes as well: the published
 one is flat (the LM's fields at the top, ``rope_scaling: {"type": "mrope", ...}``), newer ones nest
 ``text_config``; preprocessor_config.json gives min/max pixels, mean and std (``min_pixels`` or
-``size.shortest_edge``; transformers 5 writes them into processor_config.json instead).
+``size.shortest_edge``; transformers 5 writes them into processor_config.json instead). The video
+processor's settings come, as the reference looks for them, from processor_config.json's
+``video_processor``, else video_preprocessor_config.json, else preprocessor_config.json (the
+published checkpoints: videos then share the images' pixel bounds); Qwen2.5-VL's
+``vision_config.tokens_per_second`` sets its absolute-time M-RoPE for videos.
 ``transformers`` is never imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +37,13 @@ from imagefm.convert.llama import hf_lm_key_map, load_lm_tokenizer, read_chat_te
 from imagefm.convert.llava import _prefix, _rerooted
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.qwen2_vl_vision import QwenVisionConfig
-from imagefm.models.qwen_vl import QwenImageConfig, QwenVL, QwenVLConfig
+from imagefm.models.qwen_vl import QwenImageConfig, QwenVideoConfig, QwenVL, QwenVLConfig
 from imagefm.qwen_vl_processor import QwenVLProcessor
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
+VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 # transformers' defaults (configuration_qwen2_vl.py, image_processing_qwen2_vl.py) for fields a
@@ -54,7 +60,7 @@ _VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420,
                        num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
                        temporal_patch_size=2, window_size=112, out_hidden_size=3584,
-                       fullatt_block_indexes=[7, 15, 23, 31]),
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=4),
 }
 _TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656,
                        vision_start_token_id=151652, vision_end_token_id=151653)
@@ -153,10 +159,39 @@ def image_config_from_hf(pre: dict[str, Any] | None, vision: QwenVisionConfig,
         raise CheckpointError(f"{where}: {err}") from None
 
 
+def video_config_from_hf(pre: dict[str, Any] | None, vision: QwenVisionConfig,
+                         where: str = VIDEO_PREPROCESSOR_FILE) -> QwenVideoConfig:
+    """The settings of a ``Qwen2VLVideoProcessor`` config (its defaults when absent), checked
+    as the image processor's. Its ``fps`` / ``do_sample_frames`` (frame sampling) do not apply:
+    imagefm uses the frames it is given."""
+    pre = dict(pre or {})
+    size = pre.get("size") or {}
+    defaults = QwenVideoConfig()
+    image = image_config_from_hf(
+        {**pre, "min_pixels": pre.get("min_pixels") or size.get("shortest_edge")
+         or defaults.min_pixels,
+         "max_pixels": pre.get("max_pixels") or size.get("longest_edge") or defaults.max_pixels},
+        vision, where)
+    cap = int(pre.get("max_video_tokens", 128000)) if pre.get("cap_pixels_per_frame") else 0
+    try:
+        return QwenVideoConfig(**dataclasses.asdict(image), max_video_tokens=cap)
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def _tokens_per_second(hf: dict[str, Any]) -> float | None:
+    """Qwen2.5-VL's temporal M-RoPE positions per second of video (None for Qwen2-VL)."""
+    if hf["model_type"] != "qwen2_5_vl":
+        return None
+    vision = {**_VISION_DEFAULTS["qwen2_5_vl"], **(hf.get("vision_config") or {})}
+    return float(vision["tokens_per_second"])
+
+
 def config_from_qwen2_vl(hf: dict[str, Any], pre: dict[str, Any] | None = None,
-                         where: str = CONFIG_FILE) -> QwenVLConfig:
-    """Our config from a Qwen2-VL / Qwen2.5-VL ``config.json`` (and the image processor's
-    settings)."""
+                         where: str = CONFIG_FILE,
+                         video: dict[str, Any] | None = None) -> QwenVLConfig:
+    """Our config from a Qwen2-VL / Qwen2.5-VL ``config.json`` (and the image and video
+    processors' settings)."""
     if hf.get("model_type") not in MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not one of "
                               f"{', '.join(MODEL_TYPES)}")
@@ -165,7 +200,8 @@ def config_from_qwen2_vl(hf: dict[str, Any], pre: dict[str, Any] | None = None,
         tokens = {k: int(hf.get(k, v)) for k, v in _TOKEN_DEFAULTS.items()}
         return QwenVLConfig(vision=vision, lm=_text_config(hf, where),
                             image=image_config_from_hf(pre, vision), model_type=hf["model_type"],
-                            **tokens)
+                            video=video_config_from_hf(video, vision),
+                            tokens_per_second=_tokens_per_second(hf), **tokens)
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: cannot express this model in imagefm: {err}") from None
 
@@ -221,13 +257,27 @@ def _preprocessor(directory: Path) -> dict[str, Any] | None:
     return _read_json(path).get("image_processor") if path.is_file() else None
 
 
+def _video_preprocessor(directory: Path) -> dict[str, Any] | None:
+    """The video processor's settings, where the reference finds them: processor_config.json's
+    ``video_processor``, video_preprocessor_config.json, or the image processor's
+    preprocessor_config.json."""
+    path = directory / PROCESSOR_FILE
+    nested = _read_json(path).get("video_processor") if path.is_file() else None
+    if nested is not None:
+        return nested
+    for name in (VIDEO_PREPROCESSOR_FILE, PREPROCESSOR_FILE):
+        if (directory / name).is_file():
+            return _read_json(directory / name)
+    return None
+
+
 def load_qwen2_vl(path: str | Path, *, strict: bool = True) -> QwenVL:
     """Load an HF Qwen2-VL or Qwen2.5-VL directory (weights, tokenizer, chat template,
     processor settings).
     ``strict`` fails on any missing, unexpected or mis-shaped key."""
     directory = Path(path)
     config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
-                                  str(directory / CONFIG_FILE))
+                                  str(directory / CONFIG_FILE), _video_preprocessor(directory))
     with empty_parameters():  # on the meta device when imagefm.load asks (strict loads)
         model = QwenVL(config)
     weights = read_hf_weights(directory)
@@ -258,6 +308,6 @@ def load_qwen2_vl_processor(path: str | Path) -> QwenVLProcessor:
                                template.read_text(encoding="utf-8") if template.is_file()
                                else None)
     config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
-                                  str(directory / CONFIG_FILE))
+                                  str(directory / CONFIG_FILE), _video_preprocessor(directory))
     return QwenVLProcessor(config, load_lm_tokenizer(directory, config.lm),
                            read_chat_template(directory))

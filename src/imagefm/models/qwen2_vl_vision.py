@@ -54,7 +54,8 @@ NORMS = ("layernorm", "rmsnorm")
 
 @dataclass(frozen=True)
 class QwenVisionConfig:
-    """A Qwen2-VL / Qwen2.5-VL vision tower. ``out_width`` is the language model's width (the merger's output);
+    """A Qwen2-VL / Qwen2.5-VL vision tower. ``out_width`` is the language model's width (the
+    merger's output);
     ``mlp_dim`` is ``width * mlp_ratio`` of the reference config (Qwen2.5-VL: its
     ``intermediate_size``). ``window_size`` (pixels, 0 = none) turns on window attention in every
     block but ``full_attention_layers``."""

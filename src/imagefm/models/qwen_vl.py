@@ -8,7 +8,9 @@ attention; see :mod:`imagefm.models.qwen2_vl_vision`), which its config describe
 
 Image tokens by contract: the processor (:mod:`imagefm.qwen_vl_processor`) expands each image's
 ``<|vision_start|><|image_pad|><|vision_end|>`` into ``t*h*w / merge²`` pad tokens; the model fills
-them with that image's tokens and refuses a count that does not match.
+them with that image's tokens and refuses a count that does not match. Videos likewise:
+``pixel_values_videos`` and ``video_grid_thw`` (t temporal patches of two frames each) through
+the same tower into the ``<|video_pad|>`` rows (:mod:`imagefm.qwen_vl_video`).
 
 M-RoPE positions (:func:`rope_index`): a text token has the same position in all three rows (so
 text alone is ordinary 1-D rotary); an image's tokens get (temporal, row, column) positions offset
@@ -44,7 +46,8 @@ from imagefm.config import (
 )
 from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
 from imagefm.models.decoder_config import DecoderConfig
-from imagefm.models.qwen2_vl_vision import QwenVisionConfig, QwenVisionTower, check_grid
+from imagefm.models.qwen2_vl_vision import QwenVisionConfig, QwenVisionTower
+from imagefm.models.qwen_vl_rope import mrope_index
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -73,6 +76,26 @@ class QwenImageConfig:
 
 
 @dataclass(frozen=True)
+class QwenVideoConfig(QwenImageConfig):
+    """How the processor turns video frames into patches (the reference's video processor
+    settings, :mod:`imagefm.qwen_vl_video`): every frame resized as one image (its own pixel
+    bounds), ``fps`` the frame rate assumed for frames given without one (the reference's
+    default), ``max_video_tokens`` > 0 caps each frame's pixels at an even share of that many
+    tokens (the reference's ``cap_pixels_per_frame``; 0 = no cap)."""
+
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    fps: float = 24.0
+    max_video_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fps <= 0 or self.max_video_tokens < 0:
+            raise ConfigError("video.fps must be > 0 and video.max_video_tokens >= 0")
+        object.__setattr__(self, "fps", float(self.fps))
+
+
+@dataclass(frozen=True)
 class QwenVLConfig:
     """Everything that shapes a Qwen2-VL or Qwen2.5-VL model; saved in imagefm.json.
     ``model_type`` names the Hugging Face model to export to."""
@@ -88,9 +111,17 @@ class QwenVLConfig:
     vision_start_token: str = "<|vision_start|>"
     vision_end_token: str = "<|vision_end|>"
     model_type: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl
+    video: QwenVideoConfig = QwenVideoConfig()
+    video_token: str = "<|video_pad|>"
+    # Qwen2.5-VL: video frames on an absolute time axis (M-RoPE temporal positions per second);
+    # None: the temporal position counts temporal patches (Qwen2-VL). See models/qwen_vl_rope.py.
+    tokens_per_second: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("qwen_vl.model_type", self.model_type, MODEL_TYPES)
+        if self.tokens_per_second is not None and self.tokens_per_second <= 0:
+            raise ConfigError(f"qwen_vl.tokens_per_second must be > 0 or None, got "
+                              f"{self.tokens_per_second}")
         if self.vision.out_width != self.lm.width:
             raise ConfigError(f"vision.out_width ({self.vision.out_width}) must equal the LM's "
                               f"width ({self.lm.width})")
@@ -120,7 +151,9 @@ class QwenVLConfig:
         vision = QwenVisionConfig.from_dict(data.pop("vision"))
         lm = DecoderConfig.from_dict(data.pop("lm"))
         image = from_dict(QwenImageConfig, dict(data.pop("image", {})), "image")
-        return from_dict(cls, {**data, "vision": vision, "lm": lm, "image": image}, "qwen_vl")
+        video = from_dict(QwenVideoConfig, dict(data.pop("video", {})), "video")
+        return from_dict(cls, {**data, "vision": vision, "lm": lm, "image": image,
+                               "video": video}, "qwen_vl")
 
     def replace(self, **changes: Any) -> QwenVLConfig:
         return dataclasses.replace(self, **changes)
@@ -128,55 +161,22 @@ class QwenVLConfig:
 
 def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
                image_token_id: int, merge_size: int,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE positions [3, B, L] and rope deltas [B] (see the module docstring).
+               attention_mask: torch.Tensor | None = None,
+               video_grid_thw: torch.Tensor | None = None,
+               second_per_grid_ts: torch.Tensor | None = None,
+               video_token_id: int | None = None,
+               tokens_per_second: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE positions [3, B, L] and rope deltas [B] (see the module docstring; videos and
+    Qwen2.5-VL's absolute time: :mod:`imagefm.models.qwen_vl_rope`).
 
-    Images are taken in order from ``image_grid_thw`` as their pad tokens are met, row after
-    row; each must have exactly its ``t*h*w / merge²`` pad tokens. Padding (``attention_mask`` 0)
-    is skipped and gets position 0.
+    Images (and videos) are taken in order from their grids as their pad tokens are met, row
+    after row; each must have exactly its ``t*h*w / merge²`` pad tokens. Padding
+    (``attention_mask`` 0) is skipped and gets position 0.
     """
-    batch, length = input_ids.shape
-    positions = torch.zeros(3, batch, length, dtype=torch.long)
-    deltas = torch.zeros(batch, dtype=torch.long)
-    grids = check_grid(image_grid_thw, merge_size) if image_grid_thw is not None else []
-    used = 0
-    for row in range(batch):
-        keep = (attention_mask[row].bool().cpu() if attention_mask is not None
-                else torch.ones(length, dtype=torch.bool))
-        ids = input_ids[row].cpu()[keep].tolist()
-        pieces, start, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] == image_token_id:
-                if used == len(grids):
-                    raise ValueError(f"input_ids hold more images than the {len(grids)} rows of "
-                                     f"image_grid_thw")
-                t, h, w = grids[used]
-                h, w = h // merge_size, w // merge_size
-                count = t * h * w
-                if ids[i:i + count] != [image_token_id] * count:
-                    raise ValueError(f"image {used} (grid {grids[used]}) needs {count} "
-                                     f"consecutive image tokens in row {row}; build the inputs "
-                                     f"with the model's processor")
-                grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
-                                      indexing="ij")
-                pieces.append(torch.stack(grid).reshape(3, -1) + start)
-                start += max(t, h, w)
-                used += 1
-                i += count
-            else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                pieces.append(torch.arange(start, start + j - i).expand(3, -1))
-                start += j - i
-                i = j
-        if pieces:
-            flat = torch.cat(pieces, dim=1)
-            positions[:, row, keep] = flat
-            deltas[row] = int(flat.max()) + 1 - len(ids)
-    if used != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids hold {used} images")
-    return positions.to(input_ids.device), deltas.to(input_ids.device)
+    return mrope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                       image_token_id=image_token_id, video_token_id=video_token_id,
+                       merge_size=merge_size, tokens_per_second=tokens_per_second,
+                       attention_mask=attention_mask)
 
 
 class QwenVL(nn.Module):
@@ -244,21 +244,62 @@ class QwenVL(nn.Module):
                 f"pad tokens")
         return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
 
+    def video_features(self, pixel_values_videos: torch.Tensor,
+                       video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Video tokens of all videos, concatenated: [sum(t*h*w) / merge², lm width]. The same
+        tower as images; each temporal patch (two frames) attends within itself."""
+        return self.vision(pixel_values_videos, video_grid_thw)
+
+    def embed_videos(self, embeds: torch.Tensor, input_ids: torch.Tensor,
+                     pixel_values_videos: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """``embeds`` with the video pad rows replaced by the videos' tokens, in order (the
+        count checked as for images)."""
+        slots = input_ids == self.config.video_token_id
+        found = int(slots.sum())
+        if pixel_values_videos is None:
+            if found:
+                raise ValueError(f"input_ids hold {found} {self.config.video_token} tokens but "
+                                 f"no pixel_values_videos were given")
+            return embeds
+        if video_grid_thw is None:
+            raise ValueError("pixel_values_videos need video_grid_thw (the processor returns "
+                             "both)")
+        features = self.video_features(pixel_values_videos, video_grid_thw)
+        if found != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {found} {self.config.video_token} tokens but the videos give "
+                f"{features.shape[0]} video tokens: build the inputs with the model's processor")
+        return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+
     def rope_index(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None
+                   attention_mask: torch.Tensor | None = None, *,
+                   video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE positions [3, B, L] and rope deltas [B] of a prompt (see :func:`rope_index`)."""
-        return rope_index(input_ids, image_grid_thw, image_token_id=self.config.image_token_id,
-                          merge_size=self.config.merge_size, attention_mask=attention_mask)
+        config = self.config
+        return rope_index(input_ids, image_grid_thw, image_token_id=config.image_token_id,
+                          merge_size=config.merge_size, attention_mask=attention_mask,
+                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                          video_token_id=config.video_token_id,
+                          tokens_per_second=config.tokens_per_second)
 
     def _positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None
+                   attention_mask: torch.Tensor | None, *,
+                   video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """M-RoPE positions and deltas when the prompt holds images; (None, None) for text alone,
-        whose positions the decoder derives itself (the same values, without a Python loop)."""
-        if image_grid_thw is None and not bool((input_ids == self.config.image_token_id).any()):
+        """M-RoPE positions and deltas when the prompt holds images or videos; (None, None) for
+        text alone, whose positions the decoder derives itself (the same values, without a
+        Python loop)."""
+        vision = (input_ids == self.config.image_token_id) | (
+            input_ids == self.config.video_token_id)
+        if image_grid_thw is None and video_grid_thw is None and not bool(vision.any()):
             return None, None
-        return self.rope_index(input_ids, image_grid_thw, attention_mask)
+        return self.rope_index(input_ids, image_grid_thw, attention_mask,
+                               video_grid_thw=video_grid_thw,
+                               second_per_grid_ts=second_per_grid_ts)
 
     def forward(
         self,
@@ -273,6 +314,9 @@ class QwenVL(nn.Module):
         labels: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         **lm_options: Any,
     ) -> DecoderOutput:
         """Logits [B, L, vocab] (and the next-token loss when ``labels`` are given).
@@ -280,16 +324,21 @@ class QwenVL(nn.Module):
         Positions come from :func:`rope_index` unless given; with a ``cache`` that already holds
         the prompt, new tokens continue at their index + the cache's rope deltas.
         ``mm_token_type_ids`` (the reference processor's output) is accepted and not needed:
-        image tokens are found by their id.
+        image tokens are found by their id. Videos (``pixel_values_videos``, ``video_grid_thw``
+        and, for Qwen2.5-VL, ``second_per_grid_ts``) fill the video pad tokens the same way.
         """
         del mm_token_type_ids
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw, image_features)
+            inputs_embeds = self.embed_videos(inputs_embeds, input_ids, pixel_values_videos,
+                                              video_grid_thw)
         prefill = cache is None or cache.length == 0
         if position_ids is None and input_ids is not None and prefill:
-            position_ids, deltas = self._positions(input_ids, image_grid_thw, attention_mask)
+            position_ids, deltas = self._positions(input_ids, image_grid_thw, attention_mask,
+                                                   video_grid_thw=video_grid_thw,
+                                                   second_per_grid_ts=second_per_grid_ts)
             if cache is not None:
                 cache.rope_deltas = deltas
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -300,24 +349,36 @@ class QwenVL(nn.Module):
                  image_grid_thw: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, mm_token_type_ids: torch.Tensor | None = None,
+                 pixel_values_videos: torch.Tensor | None = None,
+                 video_grid_thw: torch.Tensor | None = None,
+                 second_per_grid_ts: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
         """Continue the prompts with the KV cache; [B, L + new] ids, prompt included. Options
         are those of :func:`imagefm.models.generation.generate_tokens`."""
         from imagefm.models.generation import generate
 
         del mm_token_type_ids
-        prompt = self.generation_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
+        prompt = self.generation_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                        pixel_values_videos=pixel_values_videos,
+                                        video_grid_thw=video_grid_thw,
+                                        second_per_grid_ts=second_per_grid_ts)
         return generate(self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, **prompt, **kwargs)
 
     def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                           image_grid_thw: torch.Tensor | None = None,
-                          attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """What the LM's generation loop needs besides the ids: ``inputs_embeds`` (images
-        spliced in), ``position_ids`` and ``rope_deltas``. Pass them on to
+                          attention_mask: torch.Tensor | None = None, *,
+                          pixel_values_videos: torch.Tensor | None = None,
+                          video_grid_thw: torch.Tensor | None = None,
+                          second_per_grid_ts: torch.Tensor | None = None) -> dict[str, Any]:
+        """What the LM's generation loop needs besides the ids: ``inputs_embeds`` (images and
+        videos spliced in), ``position_ids`` and ``rope_deltas``. Pass them on to
         :func:`~imagefm.models.generation.generate_tokens` or ``TextStream`` with ``self.lm``."""
         embeds = self.embed(input_ids, pixel_values, image_grid_thw)
-        positions, deltas = self._positions(input_ids, image_grid_thw, attention_mask)
+        embeds = self.embed_videos(embeds, input_ids, pixel_values_videos, video_grid_thw)
+        positions, deltas = self._positions(input_ids, image_grid_thw, attention_mask,
+                                            video_grid_thw=video_grid_thw,
+                                            second_per_grid_ts=second_per_grid_ts)
         return {"inputs_embeds": embeds, "position_ids": positions, "rope_deltas": deltas}
 
     # --- conveniences ---------------------------------------------------------------------------

@@ -64,7 +64,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     # Start the preset's towers from the pretrained weights it names, where it names any
-    # (imagefm.models.towers.PRESET_TOWERS; lit-effnet: EfficientNet-Lite0 + multilingual-e5-small).
+    # (imagefm.convert.towers.PRESET_TOWERS; lit-effnet: EfficientNet-Lite0 +
+    # multilingual-e5-small).
     pretrained: bool = True
 
 
@@ -130,7 +131,8 @@ class StageConfig:
     Prefixes are parameter-name prefixes on module boundaries (``vision`` matches
     ``vision.pos_embed`` but not ``vision_proj``). ``preset`` adds its own frozen prefixes:
     ``full`` trains everything; ``lit`` locks the image tower (LiT); for a VLM, ``align``
-    trains the projector only (vision tower and LM frozen) and ``sft`` the projector and the LM.
+    trains the projector only (vision tower and LM frozen), ``sft`` the projector and the LM,
+    and ``lora`` the LoRA adapters only (``lora_rank`` > 0; everything else frozen).
     """
 
     preset: str = "full"
@@ -177,8 +179,10 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+# Frozen parts per preset. For a VLM, "vision", "projector" and "lm" name its parts whatever its
+# family calls them (train/stages.py: Qwen2-VL's projector is the merger inside its tower).
 STAGE_PRESETS: dict[str, list[str]] = {"full": [], "lit": ["vision"], "align": ["vision", "lm"],
-                                        "sft": ["vision"]}
+                                        "sft": ["vision"], "lora": ["vision", "projector", "lm"]}
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -412,6 +416,9 @@ def validate(c: TrainConfig) -> None:
                                                         not c.stage.lora_targets)):
         raise ConfigError("stage.lora_rank must be >= 0, with lora_alpha > 0 and at least one "
                           "name in stage.lora_targets")
+    if c.stage.preset == "lora" and not c.stage.lora_rank:
+        raise ConfigError("stage.preset = lora trains LoRA adapters only: set stage.lora_rank "
+                          "(e.g. 8)")
     if c.stage.lora_rank and c.train.ema_decay:
         raise ConfigError("train.ema_decay is not supported with stage.lora_rank: the average "
                           "would mix LoRA tensors that are merged away at export")

@@ -39,7 +39,7 @@ def register_data_source(name: str, factory: DataSource) -> None:
 
 # Modules that register more built-in sources when imported (imported on first lookup, as they
 # import this module themselves).
-SOURCE_MODULES = ("imagefm.train.vlm_data",)
+SOURCE_MODULES = ("imagefm.train.vlm_data", "imagefm.train.conversations")
 
 
 def get_data_source(name: str) -> DataSource:

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from imagefm.config import ConfigError, DualEncoderConfig, preset
 from imagefm.train import distributed
 from imagefm.train.config import TrainConfig, load_config
 from imagefm.train.data import get_data_source, local_batch_size
+from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.tasks import ContrastiveTask, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
 
@@ -32,23 +34,27 @@ def build_model(config: TrainConfig) -> nn.Module:
         from imagefm.loading import load
 
         return load(config.model.init).train()
-    from imagefm.models.towers import PRESET_TOWERS, build_dual_encoder
+    from imagefm.convert.towers import PRESET_TOWERS, build_dual_encoder
 
     data = _merge(preset(config.model.preset).to_dict(), config.model.config)
     towers = PRESET_TOWERS.get(config.model.preset, {}) if config.model.pretrained else {}
     return build_dual_encoder(DualEncoderConfig.from_dict(data), towers)
 
 
+# The ``architecture`` of every VLM family the vlm task trains (LLaVA-style, Qwen2-VL and
+# Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM).
+VLM_ARCHITECTURES = ("vlm", "qwen2_vl", "llava_onevision", "idefics3")
+
+
 def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask | VLMTask:
     """The task named by ``task.name``; ``task.loss=auto`` follows the model's type."""
-    from imagefm.models.vlm import VLM
-
+    is_vlm = getattr(model, "architecture", None) in VLM_ARCHITECTURES
     if config.task.name == "vlm":
-        if not isinstance(model, VLM):
+        if not is_vlm:
             raise ConfigError(f"task.name = vlm needs a VLM checkpoint in model.init; "
                               f"{config.model.init} holds a {type(model).__name__}")
         return VLMTask()
-    if isinstance(model, VLM):
+    if is_vlm:
         raise ConfigError("model.init holds a VLM: train it with task.name=vlm")
     loss = config.task.loss
     if loss == "auto":
@@ -74,6 +80,21 @@ def run(config: TrainConfig) -> Path:
     finally:
         if started_here:
             distributed.teardown()
+
+
+def model_from_checkpoint(checkpoint: str | Path, *, merge: bool = True) -> nn.Module:
+    """The model of a run checkpoint (``<run>/checkpoints/step_*.pt``), rebuilt as its run built
+    it (the config saved in it: ``model.init`` must still be there) with the stage applied, so
+    LoRA layers exist to take its LoRA tensors. ``merge`` folds them into plain layers: the
+    outputs stay the same and the model saves as an ordinary checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(config)
+    apply_stage(model, config.stage)
+    model.load_state_dict(state["model"])
+    if merge:
+        merge_lora(model)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, float]:
     With ``stage.lora_rank`` > 0, LoRA layers are injected first (``add_lora``); the modules
     they live in are frozen, except for the LoRA tensors themselves.
     """
-    frozen = STAGE_PRESETS[stage.preset] + list(stage.frozen)
+    frozen = [name for part in STAGE_PRESETS[stage.preset] for name in part_prefixes(model, part)]
+    frozen += list(stage.frozen)
     if stage.lora_rank:
         add_lora(model, stage)
         frozen += [m for m in stage.lora_modules if m not in frozen]
@@ -63,6 +64,27 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, float]:
     if not mults:
         raise ConfigError("the stage freezes every parameter: nothing would train")
     return mults
+
+
+def part_prefixes(model: nn.Module, part: str) -> list[str]:
+    """The parameter prefixes of a preset's part (``vision``, ``projector``, ``lm``) in ``model``.
+
+    VLM families name their parts alike (``vision``, ``projector``, ``lm``) except where the
+    reference's layout differs: Qwen2-VL's projector is the patch merger inside its vision tower
+    (``vision.merger``), so its "vision" is the tower's other modules; LLaVA-OneVision's learned
+    ``image_newline`` ends each row of the image tokens the projector hands the LM, so it trains
+    with the projector.
+    """
+    architecture = getattr(model, "architecture", None)
+    if architecture == "qwen2_vl" and part in ("vision", "projector"):
+        if part == "projector":
+            return ["vision.merger"]
+        names = [n for n, _ in model.named_parameters() if matches(n, "vision")
+                 and not matches(n, "vision.merger")]
+        return list(dict.fromkeys(".".join(n.split(".")[:2]) for n in names))
+    if architecture == "llava_onevision" and part == "projector":
+        return ["projector", "image_newline"]
+    return [part]
 
 
 def last_blocks_and_after(names: list[str], tower: str, count: int) -> set[str]:

@@ -114,13 +114,15 @@ class VLMTask:
     """Next-token loss of a VLM on the labelled tokens (assistant replies) of each batch.
 
     Batches are dicts with ``input_ids``, ``labels`` (``IGNORE_INDEX`` where nothing is
-    learned), ``attention_mask`` and ``pixel_values`` (one image per placeholder run), as
-    :meth:`imagefm.vlm_processor.VLMProcessor.collate` builds them.
+    learned), ``attention_mask`` and the family's image inputs (``pixel_values``, plus
+    ``image_grid_thw`` for Qwen2-VL, ``image_sizes`` for LLaVA-OneVision...), as
+    :meth:`imagefm.vlm_processor.VLMProcessor.collate` and :mod:`imagefm.train.conversations`
+    build them; every key but ``labels`` goes to the model by name.
     """
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                    labels=batch["labels"])
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        out = model(**inputs, labels=batch["labels"])
         # Labels are shifted by one inside the loss: count the positions that are predicted.
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         return out.loss, {"label_tokens": tokens}
