@@ -326,8 +326,9 @@ def bench_qwen_vl(args: argparse.Namespace) -> None:
     image = Image.open(args.image).convert("RGB")
     batch = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image", "image": image}, {"type": "text", "text": QWEN2_VL_PROMPT}]}])
-    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
-                                   "image_grid_thw")}
+    # transformers derives M-RoPE positions only with mm_token_type_ids (1-D ones without them)
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                   "pixel_values", "image_grid_thw")}
     ours = {}
     exact = None
     if args.quantize != "none":
@@ -350,9 +351,12 @@ def bench_qwen_vl(args: argparse.Namespace) -> None:
     runners: dict[str, Callable[[], tuple[float, float, torch.Tensor]]] = {
         name: (lambda m=m: time_qwen_ours(m, batch, args.new_tokens)) for name, m in ours.items()}
     runners["transformers"] = lambda: time_qwen_hf(reference, batch, args.new_tokens)
-    for model in ours.values():  # warm-up (and the quantised kernel's build)
-        time_qwen_ours(model, batch, 2)
-    time_qwen_hf(reference, batch, 2)
+    # the prompt's last logits, which also warms up (and builds the quantised kernel)
+    with torch.inference_mode():
+        expected = reference(**batch, logits_to_keep=1).logits[0, -1].float()
+        logits_error = {name: float((m(**batch, logits_to_keep=1).logits[0, -1].float()
+                                      - expected).abs().max())
+                        for name, m in ours.items()}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     tokens: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):
@@ -380,12 +384,17 @@ def bench_qwen_vl(args: argparse.Namespace) -> None:
               f"float32 weights: {exact}")
     print("greedy tokens equal to transformers' (leading tokens that agree, of "
           f"{args.new_tokens}): " + ", ".join(f"{n} {k}" for n, k in same.items()))
+    print(f"prompt's last logits (largest |value| {float(expected.abs().max()):.3f}), largest "
+          "difference to transformers': "
+          + ", ".join(f"{n} {e:.2e}" for n, e in logits_error.items()))
+    print(f"ours' first new tokens: {tokens['imagefm'][0, :8].tolist()}")
     summary, ratios = _summarise(results, args.new_tokens, list(ours))
     if args.json:
         record = {"source": source, "path": str(path), "args": {k: str(v) for k, v in
                                                                  vars(args).items()},
                   "image_grid_thw": grid, "prompt_tokens": batch["input_ids"].shape[1],
-                  "quantized_exact": exact, "same_leading_tokens": same, "results": summary,
+                  "quantized_exact": exact, "same_leading_tokens": same,
+                  "last_logit_max_difference": logits_error, "results": summary,
                   "speedups": ratios}
         args.json.write_text(json.dumps(record, indent=2))
 

@@ -148,22 +148,10 @@ def register(app: typer.Typer) -> None:
         if to not in ("imagefm", "hf"):
             raise typer.BadParameter(f"--to must be 'imagefm' or 'hf', got {to!r}")
         model = imagefm.load(src, arch=arch)
-        if to == "hf":
-            from imagefm.models.decoder import DecoderLM
-            from imagefm.models.vlm import VLM
+        if to == "hf":  # the transformers class of the model's family (convert.export)
+            from imagefm.convert.export import export_to_hf
 
-            if isinstance(model, DecoderLM):
-                from imagefm.convert.llama import export_hf_lm
-
-                export_hf_lm(model, dst)
-            elif isinstance(model, VLM):
-                raise typer.BadParameter("a VLM cannot be exported to Hugging Face format yet "
-                                         "(its LM can: convert it from a DecoderLM checkpoint)",
-                                         param_hint="--to")
-            else:
-                from imagefm.convert.hf import export_hf
-
-                export_hf(model, dst)
+            export_to_hf(model, dst)
         else:
             model.save_pretrained(dst)
         typer.echo(f"wrote {to} checkpoint to {dst}")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
 from imagefm.checkpoint import CheckpointError, atomic_write_text
 from imagefm.convert.llama import config_to_hf_lm
 from imagefm.models.decoder import DecoderLM
@@ -41,6 +42,17 @@ def refuse(target: str, problems: list[str]) -> None:
     if problems:
         raise CheckpointError(f"cannot export this model as {target}:\n  "
                               + "\n  ".join(problems))
+
+
+def make_directory(path: str | Path) -> Path:
+    """The export directory, created; one holding an imagefm checkpoint is refused (the export
+    would overwrite its weights and tokenizer)."""
+    directory = Path(path)
+    if (directory / IMAGEFM_FILE).is_file():
+        raise CheckpointError(f"{directory} holds an imagefm checkpoint; export to another "
+                              f"directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,6 +11,9 @@ compute, or that disagree with the model (tile size, pinpoints, ``num_image_toke
 refused rather than silently changed.
 
 Detection: config.json ``model_type`` ``"llava_onevision"``.
+
+And back (:func:`export_llava_onevision`): LLaVA's export (:mod:`imagefm.convert.llava`) plus the
+tiling settings, in the layout transformers 5 writes.
 """
 
 from __future__ import annotations
@@ -20,9 +23,19 @@ from typing import Any
 
 import torch
 
-from imagefm.checkpoint import CheckpointError, empty_parameters
+from imagefm.checkpoint import CheckpointError, empty_parameters, save_state_dict
 from imagefm.config import ConfigError
-from imagefm.convert.hf import _read_json, _sub_config, _vision, read_hf_weights
+from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json, _sub_config, _vision, read_hf_weights
+from imagefm.convert.hf_vlm import (
+    check_token,
+    dtype_name,
+    float_state_dict,
+    make_directory,
+    refuse,
+    write_generation_config,
+    write_json,
+    write_tokenizer,
+)
 from imagefm.convert.keymap import KeyMap, load_with_key_map, rule
 from imagefm.convert.llama import (
     CONFIG_FILE,
@@ -30,7 +43,14 @@ from imagefm.convert.llama import (
     load_lm_tokenizer,
     read_chat_template,
 )
-from imagefm.convert.llava import _TOWERS, _prefix, llava_key_map
+from imagefm.convert.llava import (
+    _TOWERS,
+    PUBLISHED_KEYS,
+    _prefix,
+    hf_text_config,
+    hf_vision_tower,
+    llava_key_map,
+)
 from imagefm.models.llava_onevision import (
     LlavaOneVision,
     OneVisionConfig,
@@ -196,3 +216,79 @@ def load_llava_onevision_processor(path: str | Path) -> OneVisionProcessor:
     config, _ = read_config(directory)
     return OneVisionProcessor(config, load_lm_tokenizer(directory, config.lm),
                               read_chat_template(directory))
+
+
+# --- export: LlavaOneVision → a Hugging Face directory --------------------------------------------
+
+VIDEO_TOKEN = "<video>"  # the reference processor's video placeholder
+
+
+def config_to_llava_onevision(model: LlavaOneVision) -> dict[str, Any]:
+    """The ``config.json`` transformers 5 writes for the ``LlavaOnevisionForConditionalGeneration``
+    equal to ``model`` (raises with every field it cannot express)."""
+    config = model.config
+    _, vision, problems = hf_vision_tower(config.vision)
+    text = hf_text_config(config.lm, problems)
+    if config.image.interpolation not in _RESAMPLE_TO_HF:
+        problems.append(f"image.interpolation = {config.image.interpolation!r}")
+    problems += check_token(model.tokenizer, "image_token", config.image_token,
+                            config.image_token_id)
+    refuse("LlavaOnevisionForConditionalGeneration", problems)
+    hf = {"architectures": ["LlavaOnevisionForConditionalGeneration"],
+          "model_type": "llava_onevision", "image_token_index": config.image_token_id,
+          "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+          "vision_aspect_ratio": config.vision_aspect_ratio,
+          "vision_feature_layer": config.vision_feature_layer,
+          "vision_feature_select_strategy": config.vision_feature_select,
+          "projector_hidden_act": "gelu", "multimodal_projector_bias": config.projector_bias,
+          "tie_word_embeddings": config.lm.tie_embeddings, "dtype": dtype_name(model),
+          "text_config": text, "vision_config": vision}
+    video = model.tokenizer.token_to_id(VIDEO_TOKEN) if model.tokenizer is not None else None
+    if video is not None:  # else transformers' default id: the vocabulary has no video token
+        hf["video_token_index"] = video
+    return hf
+
+
+def processor_config_to_hf(config: OneVisionConfig) -> dict[str, Any]:
+    """processor_config.json: tiling, the image processor's settings and the token counts, and
+    a video processor at the tile size (the reference processor needs one)."""
+    image, side = config.image, config.tile_size
+    common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image.mean),
+              "image_std": list(image.std), "resample": _RESAMPLE_TO_HF[image.interpolation],
+              "size": {"height": side, "width": side}}
+    default = config.vision_feature_select == "default"
+    return {"processor_class": "LlavaOnevisionProcessor",
+            "image_processor": {"image_processor_type": "LlavaOnevisionImageProcessor", **common,
+                                "do_pad": True, "image_grid_pinpoints":
+                                    [list(p) for p in config.image_grid_pinpoints]},
+            "video_processor": {"video_processor_type": "LlavaOnevisionVideoProcessor",
+                                **common},
+            "image_token": config.image_token, "video_token": VIDEO_TOKEN,
+            # the reference counts the tile's first token too and drops it under "default"
+            "num_image_tokens": config.grid_size**2 + int(default),
+            "vision_aspect_ratio": config.vision_aspect_ratio,
+            "vision_feature_select_strategy": config.vision_feature_select}
+
+
+def export_llava_onevision(model: LlavaOneVision, path: str | Path) -> Path:
+    """Write ``model`` as the directory transformers' ``LlavaOnevisionForConditionalGeneration``
+    (and ``AutoProcessor``) loads: config.json, model.safetensors under the published key names
+    (LLaVA's and ``image_newline``), generation_config.json, processor_config.json, the
+    tokenizer and chat template.
+
+    Raises :class:`CheckpointError` naming every field the HF class cannot express.
+    """
+    directory = Path(path)
+    hf_config = config_to_llava_onevision(model)
+    config = model.config
+    key_map = llava_onevision_key_map(config, hf_config["vision_config"]["model_type"],
+                                      PUBLISHED_KEYS)
+    weights = key_map.to_source(float_state_dict(model))
+    directory = make_directory(directory)
+    save_state_dict(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    write_generation_config(directory, config.lm)
+    write_json(directory / PROCESSOR_FILE, processor_config_to_hf(config))
+    write_tokenizer(directory, model, config.lm, "LlavaOnevisionProcessor")
+    write_json(directory / CONFIG_FILE, hf_config)  # last: marks a complete directory
+    return directory

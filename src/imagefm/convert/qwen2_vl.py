@@ -21,6 +21,10 @@ processor's settings come, as the reference looks for them, from processor_confi
 published checkpoints: videos then share the images' pixel bounds); Qwen2.5-VL's
 ``vision_config.tokens_per_second`` sets its absolute-time M-RoPE for videos.
 ``transformers`` is never imported.
+
+And back (:func:`export_qwen2_vl`): the layout transformers 5 writes (nested ``text_config`` with
+``rope_parameters``, processor_config.json with the image and video processors nested), the
+weights under the published names; what the HF classes cannot express is refused.
 """
 
 from __future__ import annotations
@@ -29,9 +33,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from imagefm.checkpoint import CheckpointError, empty_parameters
+from imagefm.checkpoint import CheckpointError, empty_parameters, save_state_dict
 from imagefm.config import ConfigError
-from imagefm.convert.hf import _read_json, read_hf_weights
+from imagefm.convert.hf import _ACT_TO_HF as _HF_ACTIVATIONS
+from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json, read_hf_weights
+from imagefm.convert.hf_vlm import (
+    check_token,
+    dtype_name,
+    float_state_dict,
+    make_directory,
+    refuse,
+    write_generation_config,
+    write_json,
+    write_tokenizer,
+)
 from imagefm.convert.keymap import KeyMap, Rule, load_with_key_map, reshape, rule, split
 from imagefm.convert.llama import hf_lm_key_map, load_lm_tokenizer, read_chat_template
 from imagefm.convert.llava import _prefix, _rerooted
@@ -311,3 +326,140 @@ def load_qwen2_vl_processor(path: str | Path) -> QwenVLProcessor:
                                   str(directory / CONFIG_FILE), _video_preprocessor(directory))
     return QwenVLProcessor(config, load_lm_tokenizer(directory, config.lm),
                            read_chat_template(directory))
+
+
+# --- export: QwenVL → a Hugging Face directory ---------------------------------------------------
+
+_HF_CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+               "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
+# The placeholders Qwen2VLProcessor and the chat templates write, whatever the config says.
+_HF_TOKENS = {"image_token": "<|image_pad|>", "vision_start_token": "<|vision_start|>",
+              "vision_end_token": "<|vision_end|>", "video_token": "<|video_pad|>"}
+_VISION_NORM_EPS = 1e-6  # fixed in the reference's vision blocks and merger
+
+
+def _hf_problems(model: QwenVL) -> list[str]:
+    """Why the HF class of ``config.model_type`` cannot compute what this model computes."""
+    config = model.config
+    v, lm, qwen25 = config.vision, config.lm, config.model_type == "qwen2_5_vl"
+    target = _HF_CLASSES[config.model_type][0]
+    wanted = {"vision.norm": (v.norm, "rmsnorm" if qwen25 else "layernorm"),
+              "vision.gated_mlp": (v.gated_mlp, qwen25),
+              "vision.norm_eps": (v.norm_eps, _VISION_NORM_EPS),
+              "lm.qkv_bias": (lm.qkv_bias, True), "lm.o_bias": (lm.o_bias, False),
+              "lm.mlp_bias": (lm.mlp_bias, False), "lm.qk_norm": (lm.qk_norm, False),
+              "lm.rope_scaling": (lm.rope_scaling, "default"),
+              "lm.head_dim": (lm.attn_head_dim, lm.width // lm.heads),
+              **{name: (getattr(config, name), token) for name, token in _HF_TOKENS.items()}}
+    problems = [f"{name} = {have!r} ({target} needs {need!r})"
+                for name, (have, need) in wanted.items() if have != need]
+    if v.act not in _HF_ACTIVATIONS:
+        problems.append(f"vision.act = {v.act!r} (not an activation of the reference)")
+    if qwen25 and not v.window_size:
+        problems.append(f"vision.window_size = 0 ({target} attends within windows; set one, "
+                        f"with every block in vision.full_attention_layers for none)")
+    if not qwen25 and (v.window_size or v.full_attention_layers):
+        problems.append(f"vision.window_size = {v.window_size}, vision.full_attention_layers = "
+                        f"{list(v.full_attention_layers)} ({target} has no window attention)")
+    if not qwen25 and v.mlp_dim % v.width:
+        problems.append(f"vision.mlp_dim = {v.mlp_dim} ({target} has width {v.width} times a "
+                        f"whole mlp_ratio)")
+    per_second = config.tokens_per_second
+    if qwen25 == (per_second is None) or (per_second is not None and per_second % 1):
+        problems.append(f"tokens_per_second = {per_second} ({target} "
+                        f"{'has a whole number' if qwen25 else 'has none'})")
+    for name in ("image", "video"):
+        if getattr(config, name).interpolation not in _RESAMPLE_TO_HF:
+            problems.append(f"{name}.interpolation = {getattr(config, name).interpolation!r} "
+                            f"(the reference resamples with {', '.join(_RESAMPLE_TO_HF)})")
+    if config.video.fps != QwenVideoConfig.fps:
+        problems.append(f"video.fps = {config.video.fps} (the reference assumes "
+                        f"{QwenVideoConfig.fps} for frames given without a rate)")
+    for name, index in (("image_token", config.image_token_id),
+                        ("vision_start_token", config.vision_start_token_id),
+                        ("vision_end_token", config.vision_end_token_id),
+                        ("video_token", config.video_token_id)):
+        problems += check_token(model.tokenizer, name, getattr(config, name), index)
+    return problems
+
+
+def _hf_vision(config: QwenVLConfig) -> dict[str, Any]:
+    v, model_type = config.vision, config.model_type
+    common = {"depth": v.layers, "num_heads": v.heads, "hidden_act": _HF_ACTIVATIONS[v.act],
+              "in_channels": v.in_channels, "patch_size": v.patch_size,
+              "spatial_merge_size": v.merge_size, "temporal_patch_size": v.temporal_patch_size,
+              "rope_parameters": {"rope_theta": v.rope_theta, "rope_type": "axial"}}
+    if model_type == "qwen2_vl":  # hidden_size is the LM's width (the merger's output) here
+        return {"model_type": "qwen2_vl_vision", "embed_dim": v.width, "hidden_size": v.out_width,
+                "mlp_ratio": v.mlp_dim // v.width, **common}
+    return {"model_type": "qwen2_5_vl_vision", "hidden_size": v.width,
+            "intermediate_size": v.mlp_dim, "out_hidden_size": v.out_width,
+            "window_size": v.window_size, "fullatt_block_indexes": list(v.full_attention_layers),
+            "tokens_per_second": int(config.tokens_per_second or 0), **common}
+
+
+def config_to_qwen2_vl(model: QwenVL) -> dict[str, Any]:
+    """The ``config.json`` transformers 5 writes for the model equal to ``model`` (raises with
+    every field its class cannot express)."""
+    config = model.config
+    refuse(_HF_CLASSES[config.model_type][0], _hf_problems(model))
+    lm = config.lm
+    text = {"model_type": f"{config.model_type}_text", "vocab_size": lm.vocab_size,
+            "hidden_size": lm.width, "intermediate_size": lm.mlp_dim,
+            "num_hidden_layers": lm.layers, "num_attention_heads": lm.heads,
+            "num_key_value_heads": lm.kv_heads, "hidden_act": lm.act,
+            "max_position_embeddings": lm.context_length, "rms_norm_eps": lm.norm_eps,
+            "rope_parameters": {"rope_type": "default", "mrope_section": list(lm.mrope_section),
+                                "rope_theta": lm.rope_theta},
+            "use_sliding_window": False, "bos_token_id": lm.bos_token_id,
+            "eos_token_id": (lm.eos_token_ids[0] if len(lm.eos_token_ids) == 1
+                             else list(lm.eos_token_ids) or None),
+            "pad_token_id": lm.pad_token_id}
+    return {"architectures": [_HF_CLASSES[config.model_type][0]],
+            "model_type": config.model_type, "image_token_id": config.image_token_id,
+            "video_token_id": config.video_token_id,
+            "vision_start_token_id": config.vision_start_token_id,
+            "vision_end_token_id": config.vision_end_token_id,
+            "tie_word_embeddings": lm.tie_embeddings, "dtype": dtype_name(model),
+            "text_config": text, "vision_config": _hf_vision(config)}
+
+
+def _hf_processor(settings: QwenImageConfig, vision: QwenVisionConfig) -> dict[str, Any]:
+    """An image or video processor's settings (``size``: min and max pixels)."""
+    return {"do_convert_rgb": True, "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(settings.mean),
+            "image_std": list(settings.std), "resample": _RESAMPLE_TO_HF[settings.interpolation],
+            "size": {"shortest_edge": settings.min_pixels, "longest_edge": settings.max_pixels},
+            "patch_size": vision.patch_size, "merge_size": vision.merge_size,
+            "temporal_patch_size": vision.temporal_patch_size}
+
+
+def processor_config_to_hf(config: QwenVLConfig) -> dict[str, Any]:
+    """processor_config.json: the image and the video processor's settings."""
+    video = _hf_processor(config.video, config.vision)
+    if config.video.max_video_tokens:  # each frame's pixels capped at a share of the budget
+        video.update(cap_pixels_per_frame=True, max_video_tokens=config.video.max_video_tokens)
+    return {"processor_class": _HF_CLASSES[config.model_type][1],
+            "image_processor": {"image_processor_type": "Qwen2VLImageProcessor",
+                                **_hf_processor(config.image, config.vision)},
+            "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor", **video}}
+
+
+def export_qwen2_vl(model: QwenVL, path: str | Path) -> Path:
+    """Write ``model`` as the directory transformers' ``Qwen2VLForConditionalGeneration`` /
+    ``Qwen2_5_VLForConditionalGeneration`` (and ``AutoProcessor``) load: config.json,
+    model.safetensors (the published key names: ``visual.*``, ``model.*``, ``lm_head.weight``),
+    generation_config.json, processor_config.json, the tokenizer and chat template.
+
+    Raises :class:`CheckpointError` naming every field the HF class cannot express.
+    """
+    directory = Path(path)
+    hf_config = config_to_qwen2_vl(model)
+    weights = qwen2_vl_key_map(model.config, []).to_source(float_state_dict(model))
+    directory = make_directory(directory)
+    save_state_dict(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    write_generation_config(directory, model.config.lm)
+    write_json(directory / PROCESSOR_FILE, processor_config_to_hf(model.config))
+    write_tokenizer(directory, model, model.config.lm, _HF_CLASSES[model.config.model_type][1])
+    write_json(directory / CONFIG_FILE, hf_config)  # last: marks a complete directory
+    return directory

@@ -251,8 +251,17 @@ class DecoderAttention(nn.Module):
         v = qkv[:, :, h + kv:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=h != kv)
+        if n == 1 and h != kv and not is_causal:
+            # One new token (a decoding step): the query heads that share a key/value head are
+            # that head's queries, so attention runs per KV head with no key repetition. On the
+            # CPU SDPA's enable_gqa path costs 1.5x (float32) to 7x (bfloat16) more here.
+            # A padding mask [B or 1, 1, 1, keys] broadcasts over the grouped queries.
+            grouped = q.reshape(b, kv, h // kv, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+            out = out.reshape(b, h, 1, self.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 enable_gqa=h != kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, h * self.head_dim))
 
 

@@ -16,12 +16,13 @@ in seconds reach the same temporal position whatever their frame rate. The produ
 float32 and truncated, as the reference does.
 
 The rule "continue after the largest position" is that of Qwen's own code, vLLM and
-transformers up to 5.2. transformers 5.3+ (checked against 5.25) continues after
-``max(h, w) / m`` instead, ignoring the video's temporal extent, while its rope deltas still use
-the largest position: for a video whose time axis reaches further than its rows and columns the
-text after it then overlaps the video's temporal positions and the first generated token jumps.
-Both rules agree for images and for videos with ``time(t - 1) < max(h, w) / m``.
-(tests/test_qwen_vl_video.py checks both.)
+transformers 4.x (and 5.2). Later transformers 5 releases (5.25 checked) continue after
+``start + max(h, w) / m`` instead, ignoring the video's temporal extent, while their rope deltas
+still use the largest position: for a video whose time axis reaches further than its rows and
+columns, the text after it then overlaps the video's temporal positions and the first generated
+token jumps. Both rules agree for images and for videos with ``time(t - 1) < max(h, w) / m``,
+where tests/test_qwen_vl_video.py checks positions, logits and generation against the
+reference; beyond that it checks the rule above.
 """
 
 from __future__ import annotations
