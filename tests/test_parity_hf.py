@@ -99,8 +99,11 @@ def _features(output) -> torch.Tensor:
 
 
 def _compare(ours: DualEncoder, theirs, pixels, ids, mask, interpolate: bool = False) -> None:
+    """Ours called with ``mask``; HF with it where our text tower uses masks, else without one
+    (SigLIP: trained, and run by HF's processor, with no mask; ours ignores a mask given)."""
+    their_mask = mask if ours.config.text.use_padding_mask else None
     with torch.no_grad():
-        ref = theirs(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+        ref = theirs(input_ids=ids, pixel_values=pixels, attention_mask=their_mask,
                      interpolate_pos_encoding=interpolate)
         out = ours(pixels, ids, mask)
     _close(out.image_embeds, ref.image_embeds)
@@ -134,9 +137,13 @@ def test_siglip_parity_with_head(tmp_path: Path) -> None:
     model = imagefm.load(tmp_path)
     assert model.config.vision.pool == "map" and model.config.text.pool == "last"
     ids, mask = _texts(eos=1, pad=1)
-    _compare(model, reference, _pixels(), ids, mask)
-    _compare(model, reference, _pixels(), ids, None)  # SigLIP is usually run without a mask
+    assert not model.config.text.use_padding_mask  # as trained and as HF's processor runs it
+    _compare(model, reference, _pixels(), ids, mask)  # a mask given changes nothing
+    _compare(model, reference, _pixels(), ids, None)
     _compare(model, reference, _pixels(48), ids, mask, interpolate=True)
+    with torch.no_grad():  # HF with a mask computes something else: the test can tell
+        masked = _features(reference.get_text_features(input_ids=ids, attention_mask=mask))
+        assert (model.encode_text(ids, mask) - masked).abs().max() > 10 * TOL
     assert model.logit_bias.item() == pytest.approx(-3.0)
 
 
@@ -154,7 +161,7 @@ def test_siglip_without_head_matches_tokens_and_text(tmp_path: Path) -> None:
             _close(model.vision.forward_tokens(pixels), tokens.last_hidden_state)
             _close(model.encode_image(pixels), tokens.last_hidden_state.mean(dim=1))
     with torch.no_grad():
-        _close(model.encode_text(ids, mask), _features(reference.get_text_features(ids, mask)))
+        _close(model.encode_text(ids, mask), _features(reference.get_text_features(ids)))
     # Exported back, HF again has no head, and the tokens still agree.
     with pytest.warns(UserWarning, match="no pooled image output"):
         export_hf(model, tmp_path / "out")

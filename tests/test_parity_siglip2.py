@@ -199,7 +199,9 @@ def test_fixed_resolution_siglip2_parity(tmp_path: Path, gemma_tokenizer_json: P
     hf_text = _reference_tokens(tmp_path, TEXTS)
     assert torch.equal(batch["input_ids"], hf_text["input_ids"])
     with torch.no_grad():
-        ref = reference(pixel_values=hf_pixels, **hf_text)
+        # SigLIP runs text without a mask (as trained; HF's processor returns none): ours
+        # ignores the one our processor returns.
+        ref = reference(pixel_values=hf_pixels, input_ids=hf_text["input_ids"])
         out = model(**batch)
     _close(out.image_embeds, ref.image_embeds)
     _close(out.text_embeds, ref.text_embeds)
@@ -287,7 +289,7 @@ def test_naflex_parity(tmp_path: Path, gemma_tokenizer_json: Path) -> None:
     pixels = dict(transformers.Siglip2ImageProcessorPil.from_pretrained(tmp_path)(
         _images(), return_tensors="pt"))
     with torch.no_grad():
-        ref = reference(**pixels, **text)
+        ref = reference(**pixels, input_ids=text["input_ids"])  # no text mask, as trained
         out = model(**batch)
         tokens = model.vision.forward_tokens(**pixels)
         ref_tokens = reference.vision_model(**pixels).last_hidden_state
@@ -326,9 +328,10 @@ def test_naflex_bfloat16(tmp_path: Path, gemma_tokenizer_json: Path) -> None:
     reference = _naflex_reference(tmp_path, gemma_tokenizer_json)
     model, processor = load_siglip2(tmp_path), load_siglip2_processor(tmp_path)
     batch = processor(images=_images(), texts=TEXTS)
+    unmasked = {k: v for k, v in batch.items() if k != "attention_mask"}  # SigLIP: no text mask
     with torch.no_grad():
-        fp32 = reference(**batch)
-        ref = reference.to(torch.bfloat16)(**batch)
+        fp32 = reference(**unmasked)
+        ref = reference.to(torch.bfloat16)(**unmasked)
         out = model.to(torch.bfloat16)(**batch)
     assert out.image_embeds.dtype == torch.bfloat16
     for name in ("image_embeds", "text_embeds"):

@@ -16,7 +16,10 @@ Behaviour mirrored from ``transformers`` (checked by tests/test_parity_hf.py):
   ``text_proj``); no image projection. Without the vision head (``vision_use_head = false``) HF
   has no pooled image output at all; we pool the mean of the patch tokens, as HF's
   ``SiglipForImageClassification`` does, and the towers' tokens match HF's ``last_hidden_state``.
-* Both families apply ``attention_mask`` to the text keys when it is given.
+* CLIP applies ``attention_mask`` to the text keys when it is given. SigLIP is trained without
+  one (text padded to 64, pads attended) and HF's processor returns none: imagefm's SigLIP text
+  tower ignores a mask (``use_padding_mask = False``), so its embeddings are the model's own
+  whatever the caller passes (as open_clip's SigLIP models, loaded from the same weights).
 """
 
 from __future__ import annotations
@@ -194,11 +197,12 @@ def _vision(v: dict[str, Any], where: str, **structure: Any) -> VisionConfig:
 
 
 def _text(t: dict[str, Any], where: str, **structure: Any) -> TextConfig:
+    structure.setdefault("use_padding_mask", True)
     return TextConfig(
         vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"],
         width=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
         mlp_dim=t["intermediate_size"], act=_activation(t["hidden_act"], where),
-        norm_eps=float(t["layer_norm_eps"]), use_padding_mask=True, **structure)
+        norm_eps=float(t["layer_norm_eps"]), **structure)
 
 
 def _clip_text_pooling(eos: Any, where: str) -> dict[str, Any]:
@@ -236,7 +240,10 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DualEncode
                 model_type="siglip",
                 vision=_vision(vision, where, class_token=False, patch_bias=True, pre_norm=False,
                                pool="map" if use_head else "mean"),
-                text=_text(text, where, causal=False, pool="last"),
+                # SigLIP is trained on text padded to 64 with no mask (big_vision), and run so by
+                # HF's processor (it returns no attention_mask) and open_clip: a mask passed in
+                # is ignored, so every caller gets the embeddings the model was trained for.
+                text=_text(text, where, causal=False, pool="last", use_padding_mask=False),
                 embed_dim=int(text["projection_size"] or text["hidden_size"]),
                 image_projection="none", text_projection="linear_bias",
                 init_logit_scale=math.log(10.0), init_logit_bias=-10.0)

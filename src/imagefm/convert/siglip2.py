@@ -81,7 +81,7 @@ def config_from_siglip2(hf: dict[str, Any], where: str = CONFIG_FILE) -> DualEnc
             model_type="siglip",  # the sigmoid loss; the tower kind is in vision.naflex
             vision=_vision(vision, where, class_token=False, patch_bias=True, pre_norm=False,
                            pool="map" if use_head else "mean", naflex=True),
-            text=_text(text, where, causal=False, pool="last"),
+            text=_text(text, where, causal=False, pool="last", use_padding_mask=False),
             embed_dim=int(text["projection_size"] or text["hidden_size"]),
             image_projection="none", text_projection="linear_bias",
             init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
