@@ -19,11 +19,12 @@ if not hasattr(transformers, "Qwen2VLImageProcessorPil"):
 from test_qwen2_vl import (  # noqa: E402
     MAX_PIXELS,
     MIN_PIXELS,
-    SPECIALS,
     TEMPLATE,
     _conversations,
     _images,
     _tokenizer,
+    perturb,
+    token_settings,
 )
 
 from imagefm.convert.qwen2_vl import load_qwen2_vl, load_qwen2_vl_processor  # noqa: E402
@@ -33,26 +34,12 @@ from imagefm.models.qwen2_vl_vision import window_order  # noqa: E402
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     config = transformers.Qwen2_5_VLConfig(
         vision_config=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=40,
                            out_hidden_size=48, window_size=56, fullatt_block_indexes=[1]),
-        text_config=dict(vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=512, bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
-                                          "rope_theta": 10000.0}),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        **token_settings(tokenizer))
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-            else:
-                p.normal_(1.0 if "norm" in name or "ln_q" in name else 0.0, 0.1)
+    model = perturb(transformers.Qwen2_5_VLForConditionalGeneration(config))
     processor = transformers.Qwen2_5_VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS,
                                                               max_pixels=MAX_PIXELS),

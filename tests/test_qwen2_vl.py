@@ -74,29 +74,47 @@ def _reference_processor(tokenizer, backend: str = "pil", **sizes):
                                          chat_template=TEMPLATE)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """(HF model, HF processor, saved directory)."""
-    tokenizer = _tokenizer()
+def token_settings(tokenizer) -> dict:
+    """The special-token ids a Qwen-VL config names, and its tiny odd-shaped text config."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=3),
-        text_config=dict(vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=512, bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
-                                          "rope_theta": 10000.0}),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                max_position_embeddings=512, bos_token_id=None,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
+                                 "rope_theta": 10000.0})
+    return dict(text_config=text, image_token_id=ids["<|image_pad|>"],
+                video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"],
+                vision_end_token_id=ids["<|vision_end|>"])
+
+
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights larger than HF's initialisation, so logits (and greedy tokens) differ by input."""
     torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # larger than HF's init, so logits (and greedy tokens) differ by input
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
             else:
                 p.normal_(1.0 if "norm" in name or "ln_q" in name else 0.0, 0.1)
+    return model.eval()
+
+
+def tiny_qwen2_vl(tokenizer) -> torch.nn.Module:
+    """A tiny random Qwen2VLForConditionalGeneration with odd shapes."""
+    config = transformers.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=3),
+        **token_settings(tokenizer))
+    torch.manual_seed(0)
+    return perturb(transformers.Qwen2VLForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(HF model, HF processor, saved directory)."""
+    tokenizer = _tokenizer()
+    model = tiny_qwen2_vl(tokenizer)
     processor = _reference_processor(tokenizer)
     directory = tmp_path_factory.mktemp("qwen2_vl")
     model.save_pretrained(directory)

@@ -24,7 +24,7 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from conftest import SHARED_DATA  # noqa: E402
-from test_qwen2_vl import SPECIALS, _reference_processor, _tokenizer  # noqa: E402
+from test_qwen2_vl import _reference_processor, _tokenizer, tiny_qwen2_vl  # noqa: E402
 
 import imagefm  # noqa: E402
 from imagefm.config import ConfigError  # noqa: E402
@@ -126,25 +126,7 @@ def qwen_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL saved by transformers, with weights larger than HF's
     initialisation (as tests/test_qwen2_vl.py's): logits that vary, for LoRA to steer."""
     tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=3),
-        text_config=dict(vocab_size=300, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=512, bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
-                                          "rope_theta": 10000.0}),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-            else:
-                p.normal_(1.0 if "norm" in name or "ln_q" in name else 0.0, 0.1)
+    model = tiny_qwen2_vl(tokenizer)
     directory = tmp_path_factory.mktemp("qwen2_vl")
     model.save_pretrained(directory)
     _reference_processor(tokenizer).save_pretrained(directory)
