@@ -293,3 +293,69 @@ def _turn_opening(template: ChatTemplate, before: list[dict[str, Any]],
     while shared < min(len(first), len(second)) and first[shared] == second[shared]:
         shared += 1
     return first[:shared]
+
+
+def text_parts(text: str, marker: str = IMAGE_TOKEN) -> list[dict[str, Any]]:
+    """``text`` split at each ``marker`` into text and image parts; the newline LLaVA writes
+    right after a placeholder (``<image>\nWhat is it?``) belongs to it, not to the text."""
+    parts: list[dict[str, Any]] = []
+    for index, piece in enumerate(text.split(marker)):
+        if index:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def with_image_parts(conversations: Sequence[Sequence[dict[str, Any]]],
+                     images: Sequence[Any] = (), *,
+                     marker: str = IMAGE_TOKEN) -> list[list[dict[str, Any]]]:
+    """Conversations as the content-part processors take them (Qwen2-VL, LLaVA-OneVision,
+    Idefics3): every content a list of parts, every image part ``{"type": "image", "image":
+    <picture>}``.
+
+    In string content each ``marker`` stands for the next of ``images``, and a newline right
+    after it belongs to it (``"<image>\\nWhat is it?"``: an image, then the question, as LLaVA
+    writes it); ``image`` / ``image_url`` parts without a picture take the next of ``images``
+    too. When nothing marks an image and there is one image per conversation, each goes first
+    in its conversation's first user turn. Raises ChatTemplateError when the marks and the
+    images disagree.
+    """
+    pending = list(images)
+    out = []
+    for messages in conversations:
+        rows = []
+        for message in normalize_messages(messages):
+            content = message["content"]
+            if isinstance(content, str):
+                parts = text_parts(content, marker)
+            else:
+                parts = []
+                for part in content:
+                    if part["type"] in ("image", "image_url"):
+                        picture = part.get("image")
+                        parts.append({"type": "image"} if picture is None else
+                                     {"type": "image", "image": picture})
+                    else:
+                        parts.append(part)
+            # Templates that read content[0] need a part even in an empty message.
+            rows.append({**message, "content": parts or [{"type": "text", "text": ""}]})
+        out.append(rows)
+    marks = [part for rows in out for message in rows for part in message["content"]
+             if part["type"] == "image" and "image" not in part]
+    if not marks and pending and len(pending) == len(out):
+        for rows in out:
+            first = next((m for m in rows if m["role"] == "user"), None)
+            if first is None:
+                raise ChatTemplateError("an image goes with a user message; the conversation "
+                                        "has none")
+            mark = {"type": "image"}
+            first["content"].insert(0, mark)
+            marks.append(mark)
+    if len(marks) != len(pending):
+        raise ChatTemplateError(f"the conversations hold {len(marks)} image placeholder(s) but "
+                                f"{len(pending)} image(s) were given")
+    for mark, picture in zip(marks, pending, strict=True):
+        mark["image"] = picture
+    return out

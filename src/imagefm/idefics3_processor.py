@@ -46,6 +46,7 @@ from PIL import Image
 from imagefm.chat import ChatTemplate
 from imagefm.data.image import _array_to_pil, _rgb_array, open_image
 from imagefm.models.idefics3 import Idefics3Config, Idefics3ImageConfig
+from imagefm.vlm_runtime import ContentPartsPrompt
 
 Messages = Sequence[dict[str, Any]]
 MAX_IMAGE_SIZE = 4096  # the reference's cap on either side after the first resize
@@ -170,8 +171,9 @@ class Idefics3ImageProcessor:
                 "pixel_attention_mask": torch.from_numpy(mask), "rows": rows, "cols": cols}
 
 
-class Idefics3Processor:
-    """Tokenizer + chat template + image processor of one Idefics3 / SmolVLM model."""
+class Idefics3Processor(ContentPartsPrompt):
+    """Tokenizer + chat template + image processor of one Idefics3 / SmolVLM model (``prompt`` and
+    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
 
     def __init__(self, config: Idefics3Config, tokenizer: Any, chat_template: str | None) -> None:
         if tokenizer is None:
@@ -309,9 +311,3 @@ class Idefics3Processor:
         starts_with_bos = bool(self.bos_token) and texts[0].startswith(self.bos_token)
         return self(texts, images, padding_side=padding_side,
                     add_special_tokens=not starts_with_bos)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        return self.tokenizer.decode(ids)
-
-    def batch_decode(self, rows: Any) -> list[str]:
-        return [self.decode(row) for row in rows]

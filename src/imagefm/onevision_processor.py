@@ -54,6 +54,7 @@ from imagefm.models.llava_onevision import (
     image_token_count,
     select_best_resolution,
 )
+from imagefm.vlm_runtime import ContentPartsPrompt
 
 Messages = Sequence[dict[str, Any]]
 
@@ -137,8 +138,9 @@ class OneVisionImageProcessor:
                 "batch_num_images": torch.tensor([len(g) for g in groups], dtype=torch.long)}
 
 
-class OneVisionProcessor:
-    """Tokenizer + chat template + image processor of one LLaVA-OneVision model."""
+class OneVisionProcessor(ContentPartsPrompt):
+    """Tokenizer + chat template + image processor of one LLaVA-OneVision model (``prompt`` and
+    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
 
     def __init__(self, config: OneVisionConfig, tokenizer: Any, chat_template: str | None) -> None:
         if tokenizer is None:
@@ -250,9 +252,3 @@ class OneVisionProcessor:
                         group.append(part["image"])
             groups.append(group)
         return self(texts, groups if any(groups) else None, padding_side=padding_side)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        return self.tokenizer.decode(ids)
-
-    def batch_decode(self, rows: Any) -> list[str]:
-        return [self.decode(row) for row in rows]

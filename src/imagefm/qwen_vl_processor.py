@@ -46,6 +46,7 @@ from imagefm.data.image import (
 )
 from imagefm.models.qwen_vl import QwenVLConfig
 from imagefm.qwen_vl_video import QwenVLVideoProcessor, smart_resize
+from imagefm.vlm_runtime import ContentPartsPrompt
 
 Messages = Sequence[dict[str, Any]]
 
@@ -100,8 +101,9 @@ class QwenVLImageProcessor:
                 "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
-class QwenVLProcessor:
-    """Tokenizer + chat template + image processor of one Qwen2-VL model."""
+class QwenVLProcessor(ContentPartsPrompt):
+    """Tokenizer + chat template + image processor of one Qwen2-VL model (``prompt`` and
+    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
 
     def __init__(self, config: QwenVLConfig, tokenizer: Any, chat_template: str | None) -> None:
         if tokenizer is None:
@@ -234,9 +236,3 @@ class QwenVLProcessor:
                         videos.append(part["video"])
                         rates.append(part.get("fps"))
         return self(texts, images, videos, fps=rates, padding_side=padding_side)
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        return self.tokenizer.decode(ids)
-
-    def batch_decode(self, rows: Any) -> list[str]:
-        return [self.decode(row) for row in rows]

@@ -68,6 +68,11 @@ class VLMProcessor:
         self.context_length = context_length
         self.pad_id = pad_id
 
+    @property
+    def image_marker(self) -> str:
+        """What stands for an image in string content: the image token itself."""
+        return self.image_token
+
     @classmethod
     def for_model(cls, model: Any) -> VLMProcessor:
         return cls.from_parts(model.config, model.card, model.tokenizer, model.chat_template)
@@ -173,13 +178,16 @@ class VLMProcessor:
 
         ``images`` are all the images of all conversations, in order of their placeholders.
         A conversation without a placeholder in its first user turn gets one prepended when
-        exactly one image per conversation is given.
+        exactly one image per conversation is given. Content parts become text as in training
+        (:meth:`imagefm.data.conversations.Conversation.text_messages`): an image part is the
+        image token, followed by a newline when text comes after it.
         """
         rows = []
         add_images = len(images) == len(conversations) and all(
             self.count_images(c) == 0 for c in conversations)
         for messages in conversations:
-            messages = [dict(m) for m in messages]
+            messages = [{**m, "content": self._text(m["content"])}
+                        for m in normalize_messages(messages)]
             if add_images:
                 first = next(i for i, m in enumerate(messages) if m["role"] == "user")
                 text = content_text(messages[first]["content"], self.image_token)
@@ -199,6 +207,19 @@ class VLMProcessor:
         if images:
             batch["pixel_values"] = self.images(images)
         return batch
+
+    def _text(self, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        pieces = []
+        for index, part in enumerate(content):
+            if part["type"] in ("image", "image_url"):
+                following = content[index + 1:index + 2]
+                pieces.append(self.image_token + ("\n" if following and
+                                                  following[0]["type"] == "text" else ""))
+            else:
+                pieces.append(content_text([part], self.image_token))
+        return "".join(pieces)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         return self.tokenizer.decode(ids)

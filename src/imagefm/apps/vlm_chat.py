@@ -1,4 +1,5 @@
-"""Captions, questions and multi-turn chat with a VLM (or a plain language model), streaming.
+"""Captions, questions and multi-turn chat with a VLM of any family (LLaVA-style, Qwen2-VL /
+Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM) or a plain language model, streaming.
 
     caption(vlm, "cat.jpg")                      # in English
     caption(vlm, "cat.jpg", lang="ko")           # 한국어로
@@ -7,18 +8,22 @@
     for piece in session.send("What is this?", images=["cat.jpg"]):
         print(piece, end="", flush=True)
 
-Everything goes one way: messages + images → :func:`build_prompt` (the model's processor and chat
-template expand each image into its placeholder tokens) → :class:`Reply`, which runs the vision
-tower once, decodes with the KV cache and yields text pieces as they are generated (never half a
-UTF-8 character, never a stop string), then knows its token counts and why it ended. The HTTP
-server (``imagefm.serve.chat``) uses the same two calls.
+Everything goes one way, the same for every family (:mod:`imagefm.vlm_runtime`): messages +
+images → :func:`build_prompt` (the family's processor and the model's chat template expand each
+image into its placeholder tokens) → :class:`Reply`, which runs the vision tower once
+(``model.generation_inputs``), decodes with the KV cache and yields text pieces as they are
+generated (never half a UTF-8 character, never a stop string), then knows its token counts and
+why it ended. The HTTP server (``imagefm.serve.chat``) uses the same two calls.
+
+In string content ``<image>`` marks an image (``"<image>\nWhat is it?"``); content may also be a
+list of parts (``{"type": "text", "text"}``, ``{"type": "image"}``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,9 +31,9 @@ import torch
 from imagefm.chat import chat_stops, content_text, encode_chat, normalize_messages
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.generation import TextStream
-from imagefm.models.vlm import VLM
 from imagefm.train.vlm_data import DESCRIBE
-from imagefm.vlm_processor import VLMProcessor
+from imagefm.vlm_runtime import ChatProcessor, generation_inputs, is_vlm
+from imagefm.vlm_runtime import chat_processor as vlm_processor
 
 Messages = Sequence[dict[str, Any]]
 
@@ -38,14 +43,14 @@ class PromptTooLong(ValueError):
 
 
 def is_chat_model(model: Any) -> bool:
-    """True for models that generate text: a VLM or a decoder LM."""
-    return isinstance(model, (VLM, DecoderLM))
+    """True for models that generate text: a VLM (any family) or a decoder LM."""
+    return is_vlm(model) or isinstance(model, DecoderLM)
 
 
-def chat_processor(model: Any) -> VLMProcessor | None:
+def chat_processor(model: Any) -> ChatProcessor | None:
     """The VLM's processor (tokenizer, template, image processing); None for a plain LM."""
-    if isinstance(model, VLM):
-        return VLMProcessor.for_model(model)
+    if is_vlm(model):
+        return vlm_processor(model)
     if isinstance(model, DecoderLM):
         if model.tokenizer is None:
             raise ValueError("this language model has no tokenizer; load it from a checkpoint "
@@ -56,7 +61,8 @@ def chat_processor(model: Any) -> VLMProcessor | None:
 
 
 def language_model(model: Any) -> DecoderLM:
-    return model.lm if isinstance(model, VLM) else model
+    """The decoder that generates (a VLM's carries its tokenizer and chat template)."""
+    return model.lm if is_vlm(model) else model
 
 
 def context_length(model: Any) -> int:
@@ -91,18 +97,24 @@ class GenerationOptions:
 @dataclass
 class Prompt:
     """One conversation ready to answer: its ids [1, L] (image placeholders expanded) and the
-    preprocessed images [N, 3, S, S] that fill them."""
+    rest of what the family's processor made (``attention_mask``, the preprocessed images:
+    ``pixel_values`` and, per family, ``image_grid_thw``, ``image_sizes``,
+    ``pixel_attention_mask``...)."""
 
     input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.inputs.get("pixel_values")
+
 
 def build_prompt(model: Any, messages: Messages, images: Sequence[Any] = (),
-                 processor: VLMProcessor | None = None) -> Prompt:
+                 processor: ChatProcessor | None = None) -> Prompt:
     """Render ``messages`` with the model's chat template and tokenise them.
 
     Message content is a string (each ``<image>`` in it stands for the next image) or a list of
@@ -112,14 +124,10 @@ def build_prompt(model: Any, messages: Messages, images: Sequence[Any] = (),
     the placeholders and images disagree or the prompt alone fills the context.
     """
     checked = normalize_messages(messages)
-    if isinstance(model, VLM):
-        processor = processor or VLMProcessor.for_model(model)
-        # Templates written for plain-text content (most LM templates) get text with the
-        # image placeholders in it, which is what the processor expands.
-        flat = [{**m, "content": content_text(m["content"], processor.image_token)}
-                for m in checked]
-        batch = processor.prompt([flat], list(images))
-        prompt = Prompt(batch["input_ids"], batch.get("pixel_values"))
+    if is_vlm(model):
+        processor = processor or vlm_processor(model)
+        batch = dict(processor.prompt([checked], list(images)))
+        prompt = Prompt(batch.pop("input_ids"), batch)
     else:
         chat_processor(model)  # checks it is an LM with a tokenizer
         has_image_parts = any(isinstance(m["content"], list) and any(
@@ -172,18 +180,17 @@ class Reply:
         tokenizer = lm.tokenizer
         device = lm.embed_tokens.weight.device
         input_ids = self.prompt.input_ids.to(device)
-        embeds = None
-        with torch.inference_mode():
-            if self.prompt.pixel_values is not None:
-                # The vision tower runs once, here; decoding then only sees embeddings.
-                dtype = next(self.model.vision.parameters()).dtype
-                embeds = self.model.embed(input_ids,
-                                          self.prompt.pixel_values.to(device, dtype))
+        extra: dict[str, Any] = {}
+        if is_vlm(self.model):
+            # The vision tower runs once, here; decoding then only sees embeddings (and, for
+            # Qwen-VL, the M-RoPE positions of the prompt and the deltas that continue them).
+            extra = generation_inputs(self.model, {"input_ids": input_ids,
+                                                   **self.prompt.inputs})
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=device).manual_seed(options.seed)
         stream = TextStream(
-            lm, tokenizer, input_ids, inputs_embeds=embeds, max_new_tokens=self.max_new_tokens,
+            lm, tokenizer, input_ids, **extra, max_new_tokens=self.max_new_tokens,
             do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
             top_k=options.top_k, top_p=options.top_p,
             repetition_penalty=options.repetition_penalty, eos_token_id=eos_ids,
@@ -196,7 +203,7 @@ class Reply:
 
 
 def stream_reply(model: Any, messages: Messages, images: Sequence[Any] = (), *,
-                 processor: VLMProcessor | None = None, **options: Any) -> Reply:
+                 processor: ChatProcessor | None = None, **options: Any) -> Reply:
     """A :class:`Reply` to ``messages`` (see :func:`build_prompt`); ``options`` are
     :class:`GenerationOptions` fields. The prompt is checked now, generation starts when the
     reply is iterated."""
@@ -204,7 +211,7 @@ def stream_reply(model: Any, messages: Messages, images: Sequence[Any] = (), *,
     return Reply(model, prompt, GenerationOptions(**options))
 
 
-def caption(vlm: VLM, image: Any, lang: str = "en", **options: Any) -> str:
+def caption(vlm: Any, image: Any, lang: str = "en", **options: Any) -> str:
     """A description of ``image`` in ``lang`` (``en`` or ``ko``), asked with the same request the
     training data uses."""
     if lang not in DESCRIBE:
@@ -212,9 +219,9 @@ def caption(vlm: VLM, image: Any, lang: str = "en", **options: Any) -> str:
     return ask(vlm, image, DESCRIBE[lang], **options)
 
 
-def ask(vlm: VLM, image: Any, question: str, **options: Any) -> str:
+def ask(vlm: Any, image: Any, question: str, **options: Any) -> str:
     """The model's answer to ``question`` about ``image`` (in whatever language it answers)."""
-    if not isinstance(vlm, VLM):
+    if not is_vlm(vlm):
         raise TypeError(f"asking about an image needs a VLM, got a {type(vlm).__name__}")
     return "".join(stream_reply(vlm, [{"role": "user", "content": question}], [image],
                                 **options))
@@ -271,7 +278,7 @@ class ChatSession:
         for image in images:
             self.attach(image)
         new_images = list(self.pending)
-        placeholder = self.processor.image_token if self.processor is not None else ""
+        placeholder = self.processor.image_marker if self.processor is not None else ""
         user = {"role": "user", "content": f"{placeholder}\n" * len(new_images) + text}
         system = [{"role": "system", "content": self.system}] if self.system else []
         prompt = build_prompt(self.model, system + self.messages + [user],

@@ -1,4 +1,5 @@
-"""Talking to a VLM: ``imagefm caption``, ``imagefm ask`` and the interactive ``imagefm chat``.
+"""Talking to a VLM (any family: LLaVA-style, Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision,
+Idefics3 / SmolVLM): ``imagefm caption``, ``imagefm ask`` and the interactive ``imagefm chat``.
 
     imagefm caption photo.jpg more.png --model runs/vlm-sft/final --lang ko
     imagefm ask photo.jpg "이 사진에 무엇이 있나요?" --model runs/vlm-sft/final
@@ -27,8 +28,9 @@ def _fail(message: str) -> None:
 
 def _model_option() -> Any:
     return typer.Option(..., "--model", "-m",
-                        help="An imagefm VLM checkpoint or an HF LLaVA directory (chat also "
-                             "takes a language model).")
+                        help="A VLM: imagefm checkpoint, or Hugging Face LLaVA, Qwen2-VL / "
+                             "Qwen2.5-VL, LLaVA-OneVision or SmolVLM / Idefics3 (a folder or "
+                             "Hub id); chat also takes a language model.")
 
 
 def _load(path: Path, device: str, *, need_vision: bool) -> Any:
@@ -37,13 +39,13 @@ def _load(path: Path, device: str, *, need_vision: bool) -> Any:
     from imagefm.apps.vlm_chat import is_chat_model
     from imagefm.checkpoint import CheckpointError
     from imagefm.config import ConfigError
-    from imagefm.models.vlm import VLM
+    from imagefm.vlm_runtime import is_vlm
 
     try:
         model = imagefm.load(path)
     except (CheckpointError, ConfigError, OSError) as err:
         _fail(f"cannot load {path}: {err}")
-    if not is_chat_model(model) or (need_vision and not isinstance(model, VLM)):
+    if not is_chat_model(model) or (need_vision and not is_vlm(model)):
         _fail(f"{path} holds a {type(model).__name__}: this command needs a vision-language "
               f"model{'' if need_vision else ' or a language model'}")
     return model.to(pick_device(device)).eval()

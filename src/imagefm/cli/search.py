@@ -142,6 +142,13 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(30.0, help="Seconds a request may wait for the model."),
         max_request_mb: float = typer.Option(16.0, help="Largest request body (MB)."),
         max_image_pixels: int = typer.Option(40_000_000, help="Largest image (pixels)."),
+        image_url_host: list[str] = typer.Option(
+            [], "--image-url-host", help="Chat: a host whose http(s) image URLs the server may "
+                                         "fetch (repeat for several; '*' any host). Default: "
+                                         "data: URLs only."),
+        image_dir: Path = typer.Option(None, "--image-dir", help="Chat: a folder whose files "
+                                                                 "image_url may name (file:// "
+                                                                 "URLs or paths)."),
         device: str = typer.Option("auto", help="auto, cpu, cuda..."),
         precision: str = PRECISION_OPTION,
         log_level: str = typer.Option("info", help="uvicorn log level."),
@@ -175,7 +182,9 @@ def register(app: typer.Typer) -> None:
             host=host, port=port, api_key=api_key or None, model_name=name,
             max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             timeout_s=timeout, max_request_bytes=int(max_request_mb * 2**20),
-            max_image_pixels=max_image_pixels, precision=precision)
+            max_image_pixels=max_image_pixels, precision=precision,
+            image_url_hosts=tuple(image_url_host),
+            image_dir=str(image_dir) if image_dir is not None else None)
         typer.echo(f"serving {name} on http://{host}:{port}/"
                    + (f" with {len(index)} indexed images" if index is not None else ""),
                    err=True)

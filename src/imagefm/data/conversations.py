@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from imagefm.chat import text_parts
 from imagefm.config import ConfigError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -159,17 +160,8 @@ def _has_text(message: dict[str, Any]) -> bool:
 
 
 def _text_parts(text: str) -> list[dict[str, Any]]:
-    """A turn's text split at its ``<image>`` placeholders; the newline LLaVA writes right after
-    a placeholder belongs to it, not to the text."""
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    parts: list[dict[str, Any]] = []
-    for index, piece in enumerate(pieces):
-        if index:
-            parts.append({"type": "image"})
-            piece = piece[1:] if piece.startswith("\n") else piece
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
+    """A turn's text split at its ``<image>`` placeholders (:func:`imagefm.chat.text_parts`)."""
+    return text_parts(text, IMAGE_PLACEHOLDER)
 
 
 def _llava(entry: dict[str, Any], root: Path, where: str) -> Conversation:

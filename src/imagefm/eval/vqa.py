@@ -3,7 +3,9 @@
 ``evaluate_vqa`` renders new scenes (split ``all``: every colour/shape combination; ``eval``:
 only the compositions held out of training), asks each one question in English or Korean and
 compares the greedy answer with the reference after light normalisation (case, surrounding
-space and punctuation). Accuracy is reported per language and per question kind.
+space and punctuation). Accuracy is reported per language and per question kind. Any VLM
+family runs (:mod:`imagefm.vlm_runtime`): its processor makes the batch, ``model.generate``
+answers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from imagefm.data.records import IMAGE_TOKEN
 
 _STRIP = string.punctuation + string.whitespace + "。．"
+SCENE_SIZE = 64  # scenes for families without one input size (the quickstart's scenes)
 
 
 def normalize_answer(text: str) -> str:
@@ -84,35 +87,37 @@ def answer(model: Any, processor: Any, images: Sequence[Any], questions: Sequenc
            max_new_tokens: int = 16) -> list[str]:
     """Greedy answers, one per (image, question), batched with left padding."""
     from imagefm.chat import chat_stops
+    from imagefm.vlm_runtime import decode_replies, to_model
 
     conversations = [[{"role": "user", "content": q}] for q in questions]
-    batch = processor.prompt(conversations, list(images))
+    batch = to_model(model, processor.prompt(conversations, list(images)))
     eos, stops = chat_stops(model.lm)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          stop_strings=stops)
-    new = out[:, batch["input_ids"].shape[1]:]
-    texts = processor.tokenizer.batch_decode(new.tolist())
-    return [_cut(t, stops) for t in texts]
+    return decode_replies(model, out[:, batch["input_ids"].shape[1]:], eos, stops)
 
 
-def _cut(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text.strip()
+def scene_size(processor: Any) -> int:
+    """The side to render scenes at: the processor's input size where it has one (LLaVA-style),
+    else :data:`SCENE_SIZE` (families that see images at their own size or in tiles)."""
+    card = getattr(processor, "card", None)
+    return card.image_size if card is not None else SCENE_SIZE
 
 
 def evaluate_vqa(model: Any, processor: Any, *, n: int = 200, langs: Sequence[str] = ("en", "ko"),
                  split: str = "all", seed: int = 12345, style: dict[str, Any] | None = None,
-                 batch_size: int = 16, blind: bool = False, progress: bool = False) -> VQAResult:
+                 batch_size: int = 16, blind: bool = False, progress: bool = False,
+                 image_size: int | None = None) -> VQAResult:
     """Exact-match accuracy on ``n`` new scenes per language (see the module docstring).
 
     ``blind`` shows the model a plain grey picture instead of each scene: the control that says
     how much of the accuracy comes from the question alone (answer priors), not from the image.
+    Scenes are ``image_size`` pixels square (default: :func:`scene_size`).
     """
     from tqdm.auto import tqdm
 
     result = VQAResult(f"{split} (blind)" if blind else split)
-    size = processor.card.image_size
+    size = image_size or scene_size(processor)
     for lang in langs:
         items = vqa_questions(n, lang=lang, split=split, image_size=size, seed=seed, style=style)
         if blind:

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from imagefm.config import (
     HALF_MEAN_STD,
@@ -46,11 +44,12 @@ from imagefm.config import (
     from_dict,
     tower_config,
 )
-from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
+from imagefm.models.decoder import DecoderLM, DecoderOutput
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.layers import make_attention_mask
 from imagefm.models.projector import Projector
 from imagefm.models.vit import VisionTransformer
+from imagefm.models.vlm_base import VLMBase
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 RESAMPLINGS = ("lanczos", "bicubic", "bilinear", "nearest")
@@ -161,7 +160,7 @@ def tile_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
     return torch.where(patch_mask, ids, 0).reshape(count, -1)
 
 
-class Idefics3(nn.Module):
+class Idefics3(VLMBase):
     """``model(input_ids, pixel_values, pixel_attention_mask, attention_mask).logits``.
 
     The tokenizer and chat template live on the inner LM (as :class:`~imagefm.models.vlm.VLM`);
@@ -178,24 +177,6 @@ class Idefics3(nn.Module):
         self.projector = Projector("pixel_shuffle", config.vision.width, config.lm.width,
                                    factor=config.scale_factor, bias=False)
         self.lm = DecoderLM(config.lm)
-
-    # --- what travels with the checkpoint --------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.lm.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.lm.tokenizer = tokenizer
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.lm.chat_template
-
-    @chat_template.setter
-    def chat_template(self, source: str | None) -> None:
-        self.lm.chat_template = source
 
     # --- the forward pass ------------------------------------------------------------------------
 
@@ -282,44 +263,27 @@ class Idefics3(nn.Module):
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                        **lm_options)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  pixel_attention_mask: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
         """Continue the prompts with the KV cache; [B, L + new] ids, prompt included. Options
         are those of :func:`imagefm.models.generation.generate_tokens`."""
-        from imagefm.models.generation import generate
-
-        prompt = self.generation_inputs(input_ids, pixel_values, pixel_attention_mask)
-        return generate(self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, **prompt, **kwargs)
+        images = {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
+        return self.generate_with(input_ids, attention_mask, images,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                          pixel_attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+                          pixel_attention_mask: torch.Tensor | None = None,
+                          attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """What the LM's generation loop needs besides the ids: ``inputs_embeds`` with the
         images spliced in (pass them on to ``generate_tokens`` or ``TextStream`` with
-        ``self.lm``)."""
+        ``self.lm``); positions are the decoder's own."""
+        del attention_mask
         return {"inputs_embeds": self.embed(input_ids, pixel_values, pixel_attention_mask)}
 
     # --- conveniences ---------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache:
-        return self.lm.new_cache(batch, capacity, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.lm.embed_tokens
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.vision.transformer.gradient_checkpointing = enabled
         self.lm.gradient_checkpointing = enabled
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write an imagefm checkpoint (weights, config, tokenizer, chat template)."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)

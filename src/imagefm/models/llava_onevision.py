@@ -31,7 +31,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,10 +45,11 @@ from imagefm.config import (
     check_choice,
     from_dict,
 )
-from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
+from imagefm.models.decoder import DecoderLM, DecoderOutput
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import Projector
 from imagefm.models.vit import VisionTransformer
+from imagefm.models.vlm_base import VLMBase
 
 FEATURE_SELECTS = ("default", "full")  # default: drop each tile's first token (a CLS); full: keep
 _ASPECT_RATIO = re.compile(r"anyres_max_(\d+)")
@@ -253,7 +253,7 @@ def tiled_images(batch_num_images: Any, images: int) -> list[bool]:
 
 # --- the model ------------------------------------------------------------------------------------
 
-class LlavaOneVision(nn.Module):
+class LlavaOneVision(VLMBase):
     """``vlm(input_ids, pixel_values, image_sizes, attention_mask)`` / ``vlm.generate(...)``.
 
     The tokenizer and chat template live on the inner LM (as :class:`~imagefm.models.vlm.VLM`).
@@ -269,24 +269,6 @@ class LlavaOneVision(nn.Module):
                                    bias=config.projector_bias)
         self.image_newline = nn.Parameter(torch.randn(config.lm.width) * config.lm.width**-0.5)
         self.lm = DecoderLM(config.lm)
-
-    # --- what travels with the checkpoint --------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.lm.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.lm.tokenizer = tokenizer
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.lm.chat_template
-
-    @chat_template.setter
-    def chat_template(self, source: str | None) -> None:
-        self.lm.chat_template = source
 
     # --- images → tokens -------------------------------------------------------------------------
 
@@ -385,7 +367,6 @@ class LlavaOneVision(nn.Module):
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                        **lm_options)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  image_sizes: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -393,12 +374,10 @@ class LlavaOneVision(nn.Module):
                  **kwargs: Any) -> torch.Tensor:
         """Continue the prompts with the KV cache; [B, L + new] ids, prompt included. Options
         are those of :func:`imagefm.models.generation.generate_tokens`."""
-        from imagefm.models.generation import generate
-
-        prompt = self.generation_inputs(input_ids, pixel_values, image_sizes, attention_mask,
-                                        batch_num_images=batch_num_images)
-        return generate(self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, **prompt, **kwargs)
+        images = {"pixel_values": pixel_values, "image_sizes": image_sizes,
+                  "batch_num_images": batch_num_images}
+        return self.generate_with(input_ids, attention_mask, images,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                           image_sizes: torch.Tensor | None = None,
@@ -413,22 +392,6 @@ class LlavaOneVision(nn.Module):
 
     # --- conveniences ---------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache:
-        return self.lm.new_cache(batch, capacity, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.lm.embed_tokens
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.vision.transformer.gradient_checkpointing = enabled
         self.lm.gradient_checkpointing = enabled
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write an imagefm checkpoint (weights, config, tokenizer, chat template)."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from imagefm.config import (
     CLIP_MEAN_STD,
@@ -48,6 +46,7 @@ from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.qwen2_vl_vision import QwenVisionConfig, QwenVisionTower
 from imagefm.models.qwen_vl_rope import mrope_index
+from imagefm.models.vlm_base import VLMBase
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -179,7 +178,7 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
                        attention_mask=attention_mask)
 
 
-class QwenVL(nn.Module):
+class QwenVL(VLMBase):
     """Qwen2-VL / Qwen2.5-VL: ``vlm(input_ids, pixel_values, image_grid_thw, attention_mask)``.
 
     The tokenizer and chat template live on the inner LM (as :class:`~imagefm.models.vlm.VLM`).
@@ -194,24 +193,6 @@ class QwenVL(nn.Module):
         self.config = config
         self.vision = QwenVisionTower(config.vision)
         self.lm = DecoderLM(config.lm)
-
-    # --- what travels with the checkpoint --------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.lm.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.lm.tokenizer = tokenizer
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.lm.chat_template
-
-    @chat_template.setter
-    def chat_template(self, source: str | None) -> None:
-        self.lm.chat_template = source
 
     # --- the forward pass ------------------------------------------------------------------------
 
@@ -344,7 +325,6 @@ class QwenVL(nn.Module):
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                        position_ids=position_ids, cache=cache, labels=labels, **lm_options)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -355,25 +335,25 @@ class QwenVL(nn.Module):
                  **kwargs: Any) -> torch.Tensor:
         """Continue the prompts with the KV cache; [B, L + new] ids, prompt included. Options
         are those of :func:`imagefm.models.generation.generate_tokens`."""
-        from imagefm.models.generation import generate
-
         del mm_token_type_ids
-        prompt = self.generation_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                        pixel_values_videos=pixel_values_videos,
-                                        video_grid_thw=video_grid_thw,
-                                        second_per_grid_ts=second_per_grid_ts)
-        return generate(self.lm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, **prompt, **kwargs)
+        images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+                  "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw,
+                  "second_per_grid_ts": second_per_grid_ts}
+        return self.generate_with(input_ids, attention_mask, images,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                           image_grid_thw: torch.Tensor | None = None,
                           attention_mask: torch.Tensor | None = None, *,
                           pixel_values_videos: torch.Tensor | None = None,
                           video_grid_thw: torch.Tensor | None = None,
-                          second_per_grid_ts: torch.Tensor | None = None) -> dict[str, Any]:
+                          second_per_grid_ts: torch.Tensor | None = None,
+                          mm_token_type_ids: torch.Tensor | None = None) -> dict[str, Any]:
         """What the LM's generation loop needs besides the ids: ``inputs_embeds`` (images and
         videos spliced in), ``position_ids`` and ``rope_deltas``. Pass them on to
-        :func:`~imagefm.models.generation.generate_tokens` or ``TextStream`` with ``self.lm``."""
+        :func:`~imagefm.models.generation.generate_tokens` or ``TextStream`` with ``self.lm``.
+        ``mm_token_type_ids`` is accepted and not needed (as in :meth:`forward`)."""
+        del mm_token_type_ids
         embeds = self.embed(input_ids, pixel_values, image_grid_thw)
         embeds = self.embed_videos(embeds, input_ids, pixel_values_videos, video_grid_thw)
         positions, deltas = self._positions(input_ids, image_grid_thw, attention_mask,
@@ -383,22 +363,6 @@ class QwenVL(nn.Module):
 
     # --- conveniences ---------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache:
-        return self.lm.new_cache(batch, capacity, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.lm.embed_tokens
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.vision.gradient_checkpointing = enabled
         self.lm.gradient_checkpointing = enabled
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write an imagefm checkpoint (weights, config, tokenizer, chat template)."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)

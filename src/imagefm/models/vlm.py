@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +30,13 @@ from imagefm.config import (
     from_dict,
     tower_config,
 )
-from imagefm.models.decoder import DecoderLM, DecoderOutput, KVCache
+from imagefm.models.decoder import DecoderLM, DecoderOutput
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import PROJECTORS, Projector
 from imagefm.models.quantized import describe_quantization
 from imagefm.models.towers import build_vision_tower
 from imagefm.models.vit import VisionTransformer
+from imagefm.models.vlm_base import VLMBase
 
 FEATURE_SELECTS = ("default", "full")  # default: patch tokens only (drop CLS); full: all tokens
 
@@ -123,7 +123,7 @@ def vlm_card(vision: VisionConfig) -> ImageCard:
     return ImageCard(vision.image_size, "shortest", "bicubic", mean, std)
 
 
-class VLM(nn.Module):
+class VLM(VLMBase):
     """``vlm(input_ids, pixel_values, attention_mask, labels).logits`` / ``vlm.generate(...)``.
 
     The tokenizer and chat template live on the inner LM (``vlm.tokenizer`` reads them there),
@@ -155,24 +155,6 @@ class VLM(nn.Module):
                                     factor=config.pixel_shuffle, bias=config.projector_bias)
         model.lm = lm
         return model
-
-    # --- what travels with the checkpoint --------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.lm.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.lm.tokenizer = tokenizer
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.lm.chat_template
-
-    @chat_template.setter
-    def chat_template(self, source: str | None) -> None:
-        self.lm.chat_template = source
 
     # --- the forward pass ------------------------------------------------------------------------
 
@@ -218,28 +200,20 @@ class VLM(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                        **lm_options)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
         """Continue the prompts; [B, L + new] ids, prompt included (see DecoderLM.generate)."""
-        from imagefm.models.generation import generate
+        return self.generate_with(input_ids, attention_mask, {"pixel_values": pixel_values},
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
-        embeds = self.embed(input_ids, pixel_values)
-        return generate(self.lm, input_ids, attention_mask, inputs_embeds=embeds,
-                        max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+    def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                          attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """``inputs_embeds`` with the images spliced in (positions are the decoder's own)."""
+        del attention_mask
+        return {"inputs_embeds": self.embed(input_ids, pixel_values)}
 
     # --- conveniences ---------------------------------------------------------------------------
-
-    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache:
-        return self.lm.new_cache(batch, capacity, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.lm.embed_tokens
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         getattr(self.vision, "transformer", self.vision).gradient_checkpointing = enabled
@@ -249,12 +223,6 @@ class VLM(nn.Module):
         """What imagefm.json records besides the config: a quantised model's layer counts."""
         quantization = describe_quantization(self)
         return {"quantization": quantization} if quantization is not None else {}
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write an imagefm checkpoint (weights, config, card, tokenizer, chat template)."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)
 
 
 def compose_vlm(vision: nn.Module, lm: DecoderLM, *, card: ImageCard | None = None,

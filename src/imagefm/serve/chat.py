@@ -1,13 +1,16 @@
-"""``POST /v1/chat/completions`` for a served VLM or language model (OpenAI's chat API).
+"""``POST /v1/chat/completions`` for a served VLM (any family: LLaVA-style, Qwen2-VL / Qwen2.5-VL,
+LLaVA-OneVision, Idefics3 / SmolVLM) or language model (OpenAI's chat API).
 
-    request ─► messages checked (text, image_url data URLs) ─► images decoded and the prompt
-    tokenised on the decode pool ─► one generation at a time on the generation thread
-    ─► a ``chat.completion``, or ``text/event-stream`` ``chat.completion.chunk`` events
-       ending in ``data: [DONE]``
+    request ─► messages checked (text, image_url parts) ─► images fetched or read, decoded and
+    the prompt tokenised on the prompt pool ─► one generation at a time on the generation
+    thread ─► a ``chat.completion``, or ``text/event-stream`` ``chat.completion.chunk`` events
+    ending in ``data: [DONE]``
 
 Generation never runs on the event loop, so health checks and new requests are answered while a
-reply is being written. The server fetches nothing: an ``image_url`` must be a ``data:`` URL;
-a message's images are placed before its text (``<image>\nquestion``, the training format).
+reply is being written. An ``image_url`` is a ``data:`` URL, or, where the settings allow it,
+an http(s) URL of a listed host or a file in the image folder (:mod:`imagefm.serve.image_sources`:
+by default the server fetches and reads nothing). A message may hold several images; they are
+placed before its text (``<image>\nquestion``, the training format).
 A client that goes away mid-stream stops its generation at the next token. Errors use the app's
 JSON format: 400 bad input, 404 unknown model, 413 over a limit, 422 malformed request, 503 too
 many chat requests waiting, 504 waited longer than ``timeout_s`` for its turn.
@@ -43,7 +46,8 @@ from imagefm.apps.vlm_chat import (
 from imagefm.serve import schemas
 from imagefm.serve.app import ApiError, model_checker, new_app, v1_router
 from imagefm.serve.batching import QueueFullError
-from imagefm.serve.engine import BadInput, decode_base64_image
+from imagefm.serve.engine import BadInput
+from imagefm.serve.image_sources import ImageSource, image_source
 from imagefm.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -127,18 +131,31 @@ class ChatEngine:
 
     @property
     def model_type(self) -> str:
-        return "vlm" if self.takes_images else language_model(self.model).config.model_type
+        """``vlm`` (LLaVA-style), qwen2_vl, qwen2_5_vl, llava_onevision, idefics3, smolvlm; a
+        language model's own (llama, qwen2...)."""
+        if not self.takes_images:
+            return language_model(self.model).config.model_type
+        return getattr(self.model.config, "model_type", None) or self.model.architecture
 
-    async def prompt(self, messages: list[dict[str, Any]], blobs: list[tuple[bytes, str]]
+    @property
+    def image_size(self) -> int | None:
+        """The side images are resized to, for families that use one size (None for native
+        resolution or tiles)."""
+        card = getattr(self.processor, "card", None) if self.takes_images else None
+        return card.image_size if card is not None else None
+
+    async def prompt(self, messages: list[dict[str, Any]], sources: list[ImageSource]
                      ) -> Prompt:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.prompt_pool, self._build, messages, blobs)
+        return await loop.run_in_executor(self.prompt_pool, self._build, messages, sources)
 
-    def _build(self, messages: list[dict[str, Any]], blobs: list[tuple[bytes, str]]) -> Prompt:
+    def _build(self, messages: list[dict[str, Any]], sources: list[ImageSource]) -> Prompt:
         from imagefm.data.image import ImageDecodeError, open_image
 
         images = []
-        for blob, where in blobs:
+        for source in sources:
+            where = source.where
+            blob = source.read(self.settings)  # fetched or read here, off the event loop
             try:
                 images.append(open_image(blob, name=where,
                                          max_pixels=self.settings.max_image_pixels))
@@ -199,8 +216,8 @@ def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: s
                                ) -> JSONResponse | StreamingResponse:
         check_model(body.model)
         requested = _check_options(body, settings)
-        messages, blobs = _read_messages(body.messages, engine)
-        prompt = await engine.prompt(messages, blobs)
+        messages, sources = _read_messages(body.messages, engine)
+        prompt = await engine.prompt(messages, sources)
         room = engine.context_length - prompt.tokens
         if requested is not None and requested > room:
             raise ApiError(400, f"the prompt is {prompt.tokens} tokens and max_tokens is "
@@ -230,9 +247,8 @@ def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: s
 
     @v1.get("/models", response_model=schemas.ModelList, response_model_exclude_none=True)
     async def models() -> schemas.ModelList:
-        image_size = engine.processor.card.image_size if engine.takes_images else None
         return schemas.ModelList(data=[schemas.ModelCard(
-            id=name, created=created, model_type=engine.model_type, image_size=image_size,
+            id=name, created=created, model_type=engine.model_type, image_size=engine.image_size,
             context_length=engine.context_length)])
 
     app.include_router(v1)
@@ -268,12 +284,12 @@ def _check_options(body: schemas.ChatCompletionRequest, settings: ServeSettings)
 
 
 def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
-                   ) -> tuple[list[dict[str, Any]], list[tuple[bytes, str]]]:
-    """Messages for the chat template (text with the image placeholder where each image was)
-    and the image bytes, in order, each checked."""
-    placeholder = engine.processor.image_token if engine.takes_images else None
+                   ) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """Messages for the chat template (text with the image marker where each image was)
+    and where the images come from, in order, each checked against the settings."""
+    placeholder = engine.processor.image_marker if engine.takes_images else None
     out: list[dict[str, Any]] = []
-    blobs: list[tuple[bytes, str]] = []
+    sources: list[ImageSource] = []
     chars = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -296,7 +312,7 @@ def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
                 chars += len(text)
                 texts.append(text)
             elif part.type == "image_url":
-                blobs.append((_image_bytes(part, at, role, engine), at))
+                sources.append(_image_source(part, at, role, engine))
                 images.append(f"{placeholder}\n")
             else:
                 raise ApiError(400, f"{at}: content parts of type {part.type!r} are not "
@@ -307,13 +323,14 @@ def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
     if chars > engine.settings.max_prompt_chars:
         raise ApiError(413, f"the messages hold {chars} characters, more than the limit of "
                             f"{engine.settings.max_prompt_chars}", "request_too_large")
-    if len(blobs) > engine.settings.max_chat_images:
-        raise ApiError(413, f"{len(blobs)} images is more than the limit of "
+    if len(sources) > engine.settings.max_chat_images:
+        raise ApiError(413, f"{len(sources)} images is more than the limit of "
                             f"{engine.settings.max_chat_images} per request", "request_too_large")
-    return out, blobs
+    return out, sources
 
 
-def _image_bytes(part: schemas.ContentPart, where: str, role: str, engine: ChatEngine) -> bytes:
+def _image_source(part: schemas.ContentPart, where: str, role: str, engine: ChatEngine
+                  ) -> ImageSource:
     if not engine.takes_images:
         raise ApiError(400, f"{where}: this model is a language model without a vision tower; "
                             f"it takes no images")
@@ -321,13 +338,7 @@ def _image_bytes(part: schemas.ContentPart, where: str, role: str, engine: ChatE
         raise ApiError(400, f"{where}: images belong in user messages")
     image_url = part.image_url
     url = image_url.url if isinstance(image_url, schemas.ImageUrl) else image_url
-    if not url:
-        raise ApiError(400, f"{where}: image_url.url is missing")
-    if url[:5].lower() != "data:":
-        scheme = url.split(":", 1)[0][:10] if ":" in url else "a plain string"
-        raise ApiError(400, f"{where}: only data URLs are accepted (data:image/png;base64,...); "
-                            f"this server fetches no URLs ({scheme!r} given)")
-    return decode_base64_image(url, f"{where}.image_url")
+    return image_source(url or "", where, engine.settings)
 
 
 def _usage(reply: Reply) -> schemas.CompletionUsage:

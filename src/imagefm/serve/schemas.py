@@ -132,7 +132,8 @@ class ImageUrl(_Lenient):
 
 class ContentPart(_Lenient):
     """``{"type": "text", "text": ...}`` or ``{"type": "image_url", "image_url": {"url": ...}}``
-    (the URL a ``data:image/...;base64,`` URL: the server fetches nothing)."""
+    (a ``data:image/...;base64,`` URL; http(s) URLs and files only where the server's settings
+    allow them, :mod:`imagefm.serve.image_sources`)."""
 
     type: str
     text: str | None = None

@@ -35,6 +35,11 @@ class ServeSettings:
     max_chat_images: int = 8  # images in one chat request
     max_prompt_chars: int = 100_000  # text in one chat request, checked before tokenising
     max_chat_queue: int = 8  # chat requests generating or waiting before answering 503
+    # Where chat images may come from besides data: URLs (serve/image_sources.py): hosts whose
+    # http(s) image URLs are fetched ("*": any host, which lets clients make the server reach
+    # whatever it can reach) and a folder whose files image_url may name. Neither by default.
+    image_url_hosts: tuple[str, ...] = ()
+    image_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_request_bytes", "max_image_pixels",
@@ -45,6 +50,7 @@ class ServeSettings:
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         check_choice("precision", self.precision, INFERENCE_PRECISIONS)
+        self.image_url_hosts = tuple(h.strip() for h in self.image_url_hosts if h.strip())
 
     @property
     def is_loopback(self) -> bool:

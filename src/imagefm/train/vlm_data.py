@@ -110,7 +110,12 @@ class SyntheticConversations:
 
 
 def vlm_synthetic_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> LoaderFactory:
-    """``data.source = vlm-synthetic`` (options: see OPTIONS)."""
+    """``data.source = vlm-synthetic`` (options: see OPTIONS). Families other than the
+    LLaVA-style VLM read the scenes at their own sizes (:mod:`imagefm.train.vlm_native`)."""
+    if getattr(model, "architecture", None) != "vlm":
+        from imagefm.train.vlm_native import native_synthetic_source
+
+        return native_synthetic_source(config, model, info)
     check_options("vlm-synthetic", config.data.options, OPTIONS)
     local_batch_size(config.data.batch_size, info)
     options = dict(config.data.options)

@@ -126,11 +126,12 @@ def vqa_record(rng: np.random.Generator, *, key: str, image_size: int, split: st
                held_out: Iterable[Sequence[str]] | None = None, max_count: int = 5,
                layouts: Sequence[str] = LAYOUTS, qa_per_image: int = 3,
                langs: Sequence[str] = ("en", "ko"), supersample: int | None = None,
-               style: dict[str, Any] | None = None) -> Record:
-    """A scene with a conversation of ``qa_per_image`` questions in one language (en or ko)."""
+               style: dict[str, Any] | None = None, height: int | None = None) -> Record:
+    """A scene with a conversation of ``qa_per_image`` questions in one language (en or ko).
+    ``height``: draw it ``image_size`` wide and ``height`` high (the same scene and text)."""
     config = _scene_config(split, held_out, max_count, layouts, style)
     spec = sample_scene(rng, config)
-    image = render_scene(spec, image_size, supersample)
+    image = render_scene(spec, image_size, supersample, height)
     # "No" questions in the train split may only name compositions the split is allowed to see.
     mentionable = config.allowed_combos() if split == "train" else SceneConfig(
         split="all").allowed_combos()

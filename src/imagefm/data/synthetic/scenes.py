@@ -272,16 +272,24 @@ def default_supersample(image_size: int) -> int:
 
 
 def render_scene(spec: SceneSpec, image_size: int = 64,
-                 supersample: int | None = None) -> Image.Image:
+                 supersample: int | None = None, height: int | None = None) -> Image.Image:
     """Draw ``spec`` as an RGB image of ``image_size`` pixels square (shapes antialiased by
-    drawing their masks ``supersample`` times larger; default from the image size)."""
-    supersample = supersample or default_supersample(image_size)
+    drawing their masks ``supersample`` times larger; default from the image size).
+
+    ``height`` (default ``image_size``) draws it ``image_size`` wide and ``height`` high instead:
+    centres stay at the same fractions of each side (relations and regions keep their meaning)
+    and radii are fractions of the shorter side, so shapes are never stretched."""
+    width, height = image_size, height or image_size
+    supersample = supersample or default_supersample(max(width, height))
     rng = np.random.default_rng(spec.detail_seed)
-    canvas = background(image_size, spec.background.kind, COLOURS[spec.background.colour].rgb, rng)
+    canvas = background(max(width, height), spec.background.kind,
+                        COLOURS[spec.background.colour].rgb, rng)
+    if width != height:
+        canvas = canvas.crop((0, 0, width, height))
     stripe_angle = float(rng.uniform(0, math.pi))
     for obj in spec.objects:
-        radius = SIZE_RADIUS[obj.size] * image_size
-        cx, cy = obj.x * image_size, obj.y * image_size
+        radius = SIZE_RADIUS[obj.size] * min(width, height)
+        cx, cy = obj.x * width, obj.y * height
         x0, y0 = math.floor(cx - radius) - 1, math.floor(cy - radius) - 1
         box = (math.ceil(cx + radius) + 2 - x0, math.ceil(cy + radius) + 2 - y0)
         mask = shape_mask(obj.shape, box, (cx - x0, cy - y0), radius, supersample)
