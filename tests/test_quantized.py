@@ -257,22 +257,3 @@ def test_smollm2_quantized_greedy_equals_float() -> None:
     assert torch.equal(packed.generate(prompt, max_new_tokens=24), expected)
     assert "Paris" in packed.tokenizer.decode(expected[0, prompt.shape[1]:])
 
-
-@needs_kernel
-def test_prompt_matmuls_share_a_scratch_weight_without_mixing_layers() -> None:
-    """Prompts (more than KERNEL_MAX_ROWS rows) dequantise into one reused buffer per thread:
-    layers of different sizes, formats and dtypes still multiply by their own weights, and
-    with autograd the weight is a tensor of its own (F.linear keeps it for the backward)."""
-    layers = [QuantizedLinear.from_float(torch.randn(out, 64), kind)
-              for out, kind in ((96, "q8_0"), (40, "q4_1"), (96, "q4_0"))]
-    x = torch.randn(KERNEL_MAX_ROWS + 3, 64)
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.inference_mode():
-            outputs = [layer(x.to(dtype)) for layer in layers]
-        for layer, y in zip(layers, outputs, strict=True):
-            torch.testing.assert_close(y, x.to(dtype) @ layer.dequantize(dtype).T)
-    grad_x = x.clone().requires_grad_()
-    y = layers[0](grad_x)
-    layers[1](x), layers[2](x)  # scratch-buffer calls in between: y's saved weight is its own
-    y.sum().backward()
-    torch.testing.assert_close(grad_x.grad, layers[0].dequantize().sum(0).expand_as(x))

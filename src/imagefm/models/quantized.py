@@ -54,11 +54,6 @@ GGUF_TYPES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF types kept
 # Above this many input rows (a prompt, not a decoding step) the layer dequantises its weight
 # once and lets the BLAS multiply: the kernel re-unpacks the blocks for every row.
 KERNEL_MAX_ROWS = 8
-# Without autograd that weight goes into a per-thread buffer reused by every layer: a fresh
-# tensor of several MB per call costs more in page faults than the dequantisation itself (a
-# 9728x896 Q8_0 matrix: 19 ms against 1.3 ms). Larger weights (in elements) get a fresh tensor.
-SCRATCH_MAX = 1 << 26
-_scratch = threading.local()
 
 # --- the kernel ----------------------------------------------------------------------------------
 
@@ -468,11 +463,10 @@ class QuantizedLinear(nn.Module):
         qweight, scales, bias = buffers["qweight"], buffers["scales"], buffers["bias"]
         library = _kernel if _kernel is not None else kernel()
         rows = x.numel() // self.in_features
-        grad = x.requires_grad and torch.is_grad_enabled()
-        if library is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or grad:
+        if (library is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu"
+                or (x.requires_grad and torch.is_grad_enabled())):
             # prompts, gradients, other devices: the same weights through F.linear
-            reuse = not grad and library is not None and x.device.type == "cpu"
-            y = F.linear(x, self._scratch_weight(x.dtype) if reuse else self.dequantize(x.dtype))
+            y = F.linear(x, self.dequantize(x.dtype))
         else:
             flat = x if x.dtype == torch.float32 and x.is_contiguous() else \
                 x.float().contiguous()
@@ -483,26 +477,6 @@ class QuantizedLinear(nn.Module):
             if x.dtype != torch.float32:
                 y = y.to(x.dtype)
         return y if bias is None else y + bias.to(y.dtype)
-
-    def _scratch_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantised weight in this thread's reused buffer (see ``SCRATCH_MAX``): valid
-        until the next call, so only for a matmul that keeps no reference (no autograd)."""
-        numel = self.out_features * self.in_features
-        library = kernel()
-        if numel > SCRATCH_MAX or library is None or self.qweight.device.type != "cpu":
-            return self.dequantize(dtype)
-        buffers = _scratch.__dict__.setdefault("buffers", {})
-
-        def buffer(kind: torch.dtype) -> torch.Tensor:
-            if kind not in buffers or buffers[kind].numel() < numel:
-                buffers[kind] = torch.empty(numel, dtype=kind)
-            return buffers[kind][:numel].view(self.out_features, self.in_features)
-
-        out = buffer(torch.float32)
-        fn = library.int4_dequantize if self.bits == 4 else library.int8_dequantize
-        fn(self.qweight.data_ptr(), self.scales.data_ptr(), out.data_ptr(), self.out_features,
-           self.in_features, torch.get_num_threads())
-        return out if dtype == torch.float32 else buffer(dtype).copy_(out)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         # ``model.to(bfloat16)`` / ``.half()`` would round the float32 scales (the exact float16
