@@ -55,6 +55,8 @@ def test_fit_learns_and_writes_the_run_folder(tmp_path):
     assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = imagefm.load(run_dir / "final")
     assert model.config.vision.width == 32
+    card = (run_dir / "final" / "README.md").read_text(encoding="utf-8")
+    assert "library_name: imagefm" in card and "toy: 40 steps of" in card  # what it learned from
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -32,7 +32,10 @@ import torch
 import yaml
 from torch import nn
 
+from imagefm.checkpoint import write_model_card
 from imagefm.config import ConfigError
+from imagefm.hub import parse_hub_id
+from imagefm.model_card import CARD_FILE
 from imagefm.train import distributed
 from imagefm.train import state as run_state
 from imagefm.train.config import TrainConfig
@@ -345,8 +348,24 @@ class Trainer:
             save_weights(self.model, weights, self.run_dir / "final")
             if ema is not None:
                 save_weights(self.model, ema, self.run_dir / "final_ema")
+            for name in ("final", "final_ema") if ema is not None else ("final",):
+                self._write_card(self.run_dir / name)
             self.logger.plot()
         distributed.barrier()
+
+    def _write_card(self, directory: Path) -> None:
+        """The model card of a finished run says what it was trained on and from what."""
+        if not (directory / CARD_FILE).is_file():
+            return  # bare weights: no imagefm checkpoint, no card
+        data, model = self.config.data, self.config.model
+        source = data.source + (f" ({data.path})" if data.path else "")
+        facts: dict[str, Any] = {"training_data": [
+            f"{source}: {self.config.train.steps} steps of {data.batch_size} "
+            f"(stage {self.config.stage.preset}, run {self.config.run.name})"]}
+        hub_id = parse_hub_id(model.init) if model.init else None
+        if hub_id is not None:
+            facts["base_model"] = hub_id[0]
+        write_model_card(self.model, directory, **facts)
 
     @property
     def checkpoints(self) -> list[Path]:
