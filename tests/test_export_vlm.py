@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "LlavaOnevisionImageProcessorPil"):
@@ -30,6 +28,7 @@ import test_llava_onevision as onevision_test  # noqa: E402
 import test_qwen2_5_vl as qwen2_5_vl_test  # noqa: E402
 import test_qwen2_vl as qwen2_vl_test  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from vlm_fixtures import noise_image  # noqa: E402
 
 import imagefm  # noqa: E402
 from imagefm.checkpoint import CheckpointError  # noqa: E402
@@ -56,11 +55,6 @@ LLAVA_TEMPLATE = (
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 LLAVA_SIZE, LLAVA_PATCH = 30, 6  # a 5 x 5 patch grid and a class token
-
-
-def _image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -106,10 +100,10 @@ def _llava_reference(factory) -> Path:
 
 
 def _llava_conversations():
-    first = [{"role": "user", "content": [{"type": "image", "image": _image(45, 71, 1)},
+    first = [{"role": "user", "content": [{"type": "image", "image": noise_image(45, 71, 1)},
                                           {"type": "text", "text": "What is in the picture?"}]}]
-    second = [{"role": "user", "content": [{"type": "image", "image": _image(97, 33, 2)},
-                                           {"type": "image", "image": _image(31, 30, 3)},
+    second = [{"role": "user", "content": [{"type": "image", "image": noise_image(97, 33, 2)},
+                                           {"type": "image", "image": noise_image(31, 30, 3)},
                                            {"type": "text", "text": "고양이 사진입니다?"}]}]
     return first, second
 
@@ -333,7 +327,7 @@ def test_composed_llava_converts_with_the_cli_and_loads_in_transformers(tiny_lla
     hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
     batch = processor(text=["<image>\na small cat", "the dog <image>"],
-                      images=[_image(40, 50, 4), _image(33, 32, 5)], return_tensors="pt",
+                      images=[noise_image(40, 50, 4), noise_image(33, 32, 5)], return_tensors="pt",
                       padding=True, padding_side="left")
     assert int(batch["input_ids"].eq(model.config.image_token_id).sum()) == 2 * 16
     with torch.no_grad():

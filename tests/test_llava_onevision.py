@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "LlavaOnevisionImageProcessorPil"):
@@ -24,6 +22,7 @@ if not hasattr(transformers, "LlavaOnevisionImageProcessorPil"):
                 allow_module_level=True)
 
 from safetensors.torch import load_file, save_file  # noqa: E402
+from vlm_fixtures import chatml_tokenizer, noise_image, photos, synthetic_images  # noqa: E402
 
 from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.llava_onevision import (  # noqa: E402
@@ -59,20 +58,7 @@ ASPECT = "anyres_max_2"
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["You are a helpful assistant.", "What is in the picture?",
-                                 "Describe both images.", "system user assistant",
-                                 "고양이 사진입니다"] * 5, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIALS[1:])
+    return chatml_tokenizer(SPECIALS)
 
 
 def _reference_processor(tokenizer, backend: str = "pil"):
@@ -117,25 +103,20 @@ def reference(tmp_path_factory):
     return model, processor, directory
 
 
-def _image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def _conversations():
     """A big, slightly wide image alone (its feature map is shrunk); two images of different
     odd sizes in one conversation (not tiled); a tall image alone after an assistant turn and
     Korean text."""
     first = [{"role": "user", "content": [
-        {"type": "image", "image": _image(50, 63, 1)},
+        {"type": "image", "image": noise_image(50, 63, 1)},
         {"type": "text", "text": "What is in the picture?"}]}]
     second = [{"role": "user", "content": [
-        {"type": "image", "image": _image(45, 29, 2)},
-        {"type": "image", "image": _image(17, 52, 3)},
+        {"type": "image", "image": noise_image(45, 29, 2)},
+        {"type": "image", "image": noise_image(17, 52, 3)},
         {"type": "text", "text": "Describe both images."}]}]
     third = [{"role": "user", "content": [{"type": "text", "text": "고양이?"}]},
              {"role": "assistant", "content": [{"type": "text", "text": "사진입니다"}]},
-             {"role": "user", "content": [{"type": "image", "image": _image(61, 23, 4)},
+             {"role": "user", "content": [{"type": "image", "image": noise_image(61, 23, 4)},
                                           {"type": "text", "text": "What is in the picture?"}]}]
     return first, second, third
 
@@ -181,22 +162,6 @@ def test_token_counts_equal_reference_formula(reference):
     assert image_token_count(50, 30, config, tiled=False) == GRID**2 + 1
 
 
-def _synthetic_images() -> list[Image.Image]:
-    """Grey, transparent, tiny and very wide images."""
-    gradient = np.linspace(0, 255, 61 * 187).reshape(61, 187).astype(np.uint8)
-    rgba = np.dstack([np.asarray(_image(50, 39, 5)), np.full((50, 39), 128, np.uint8)])
-    return [Image.fromarray(gradient), Image.fromarray(rgba, "RGBA"), _image(9, 12, 6),
-            _image(29, 700, 7)]
-
-
-def _photos(shared: Path) -> list[Image.Image]:
-    """Real photos, whole and cut to odd sizes and aspect ratios."""
-    files = sorted((shared / "coco-mini" / "train2017").glob("*.jpg"))[:3]
-    photos = [Image.open(f) for f in files]
-    return [photos[0], photos[1].crop((13, 7, 346, 104)), photos[2].crop((5, 0, 76, 301)),
-            photos[0].resize((17, 23))]
-
-
 def _check_image_processor(reference, images):
     """Pixel values and sizes equal to the reference's PIL processor bit for bit, tiled (flat
     list) and not (grouped); its default torchvision processor resamples a little differently."""
@@ -218,11 +183,11 @@ def _check_image_processor(reference, images):
 
 
 def test_image_processor_synthetic_images(reference):
-    _check_image_processor(reference, _synthetic_images())
+    _check_image_processor(reference, synthetic_images(wide=700))
 
 
 def test_image_processor_real_photos(reference, shared_data):
-    _check_image_processor(reference, _photos(shared_data))
+    _check_image_processor(reference, photos(shared_data))
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -295,7 +260,7 @@ def test_image_token_count_is_checked(loaded):
         model(input_ids=ids, pixel_values=batch["pixel_values"],
               image_sizes=batch["image_sizes"])
     with pytest.raises(ValueError, match="placeholder"):
-        processor("<image>hi", images=[_image(40, 40, 0)] * 2)
+        processor("<image>hi", images=[noise_image(40, 40, 0)] * 2)
 
 
 def test_bf16_load_through_imagefm_load(reference, loaded):

@@ -9,12 +9,9 @@ must give the same processor outputs, logits and greedy tokens.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2VLImageProcessorPil"):
@@ -22,6 +19,7 @@ if not hasattr(transformers, "Qwen2VLImageProcessorPil"):
                 allow_module_level=True)
 
 from safetensors.torch import load_file, save_file  # noqa: E402
+from vlm_fixtures import chatml_tokenizer, noise_image, photos, synthetic_images  # noqa: E402
 
 from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.qwen2_vl import load_qwen2_vl, load_qwen2_vl_processor  # noqa: E402
@@ -49,20 +47,7 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28 * 2, 28 * 28 * 9  # small grids: 2 to 9 image t
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["You are a helpful assistant.", "What is in the picture?",
-                                 "Describe both images.", "system user assistant",
-                                 "고양이 사진입니다"] * 5, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIALS[1:])
+    return chatml_tokenizer(SPECIALS)
 
 
 def _reference_processor(tokenizer, backend: str = "pil", **sizes):
@@ -122,21 +107,16 @@ def reference(tmp_path_factory):
     return model, processor, directory
 
 
-def _image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def _conversations():
     """Two conversations: two images of different odd sizes, and one tall image after Korean."""
     first = [{"role": "user", "content": [
-        {"type": "image", "image": _image(45, 71, 1)},
+        {"type": "image", "image": noise_image(45, 71, 1)},
         {"type": "text", "text": "What is in the picture?"},
-        {"type": "image", "image": _image(97, 33, 2)},
+        {"type": "image", "image": noise_image(97, 33, 2)},
         {"type": "text", "text": "Describe both images."}]}]
     second = [{"role": "system", "content": "You are a helpful assistant."},
               {"role": "user", "content": [{"type": "text", "text": "고양이?"},
-                                           {"type": "image", "image": _image(140, 30, 3)}]}]
+                                           {"type": "image", "image": noise_image(140, 30, 3)}]}]
     return first, second
 
 
@@ -172,22 +152,6 @@ def test_processor_matches_reference(reference):
     assert int((ours["input_ids"] == image_id).sum()) == sum(t * h * w // 4 for t, h, w in grids)
 
 
-def _synthetic_images() -> list[Image.Image]:
-    """Grey, transparent, tiny (upscaled to min_pixels) and very wide images."""
-    gradient = np.linspace(0, 255, 61 * 187).reshape(61, 187).astype(np.uint8)
-    rgba = np.dstack([np.asarray(_image(50, 39, 5)), np.full((50, 39), 128, np.uint8)])
-    return [Image.fromarray(gradient), Image.fromarray(rgba, "RGBA"), _image(9, 12, 6),
-            _image(29, 1500, 7)]
-
-
-def _photos(shared: Path) -> list[Image.Image]:
-    """Real photos, whole and cut to odd sizes and aspect ratios."""
-    files = sorted((shared / "coco-mini" / "train2017").glob("*.jpg"))[:3]
-    photos = [Image.open(f) for f in files]
-    return [photos[0], photos[1].crop((13, 7, 346, 104)), photos[2].crop((5, 0, 76, 301)),
-            photos[0].resize((17, 23))]
-
-
 def _check_image_processor(reference, images, max_pixels):
     """Pixel values and grids equal to the reference's PIL processor bit for bit; its default
     torchvision processor resamples a little differently (bounded here)."""
@@ -210,12 +174,12 @@ def _check_image_processor(reference, images, max_pixels):
 
 @pytest.mark.parametrize("max_pixels", [MAX_PIXELS, 28 * 28 * 200])
 def test_image_processor_synthetic_images(reference, max_pixels):
-    _check_image_processor(reference, _synthetic_images(), max_pixels)
+    _check_image_processor(reference, synthetic_images(wide=1500), max_pixels)  # tiny: upscaled
 
 
 @pytest.mark.parametrize("max_pixels", [MAX_PIXELS, 28 * 28 * 200])
 def test_image_processor_real_photos(reference, shared_data, max_pixels):
-    _check_image_processor(reference, _photos(shared_data), max_pixels)
+    _check_image_processor(reference, photos(shared_data), max_pixels)
 
 
 def test_smart_resize_refuses_extreme_aspect_ratio():
@@ -344,7 +308,8 @@ def test_image_token_count_is_checked(loaded):
         model(input_ids=ids, pixel_values=batch["pixel_values"],
               image_grid_thw=batch["image_grid_thw"])
     with pytest.raises(ValueError, match="placeholder"):
-        processor("<|vision_start|><|image_pad|><|vision_end|>hi", images=[_image(40, 40, 0)] * 2)
+        processor("<|vision_start|><|image_pad|><|vision_end|>hi",
+                  images=[noise_image(40, 40, 0)] * 2)
 
 
 # --- checkpoints -----------------------------------------------------------------------------

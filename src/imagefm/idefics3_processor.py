@@ -44,9 +44,20 @@ import torch
 from PIL import Image
 
 from imagefm.chat import ChatTemplate
-from imagefm.data.image import _array_to_pil, _rgb_array, open_image
-from imagefm.models.idefics3 import Idefics3Config, Idefics3ImageConfig
-from imagefm.vlm_runtime import ContentPartsPrompt
+from imagefm.models.idefics3 import Idefics3, Idefics3Config, Idefics3ImageConfig
+from imagefm.vlm_processing import (
+    ContentPartsProcessor,
+    check_padding_side,
+    check_token_id,
+    conversation_list,
+    eos_text,
+    image_sources,
+    normalise,
+    open_rgb,
+    pad_rows,
+    require_tokenizer,
+    token_text,
+)
 
 Messages = Sequence[dict[str, Any]]
 MAX_IMAGE_SIZE = 4096  # the reference's cap on either side after the first resize
@@ -108,12 +119,6 @@ class Idefics3ImageProcessor:
         self._resample = _RESAMPLING[image.interpolation]
         self._table = _table(image)
 
-    def _open(self, image: Any) -> Image.Image:
-        if isinstance(image, np.ndarray):
-            rgb = _rgb_array(image)
-            return Image.fromarray(rgb) if rgb is not None else open_image(_array_to_pil(image))
-        return open_image(image)
-
     def _resize(self, pil: Image.Image, height: int, width: int) -> Image.Image:
         return pil if pil.size == (width, height) else pil.resize((width, height), self._resample)
 
@@ -121,7 +126,7 @@ class Idefics3ImageProcessor:
         """The ``uint8`` tiles [S, S, 3] of one image (global view last) and its rows, cols
         (0, 0 when it is a single tile)."""
         c = self.config
-        pil = self._open(image)
+        pil = open_rgb(image)
         if c.resize:
             pil = self._resize(pil, *longest_edge_size(pil.height, pil.width, c.longest_edge))
         tile = c.tile_size
@@ -138,10 +143,7 @@ class Idefics3ImageProcessor:
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """One tile's ``uint8`` [H, W, 3] pixels → ``float32`` [3, H, W]."""
-        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
-        for channel in range(3):
-            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
-        return out
+        return normalise(self._table, pixels)
 
     def __call__(self, images: Sequence[Sequence[Any]]) -> dict[str, Any]:
         """``images`` per sample (a list of lists) → ``pixel_values``, ``pixel_attention_mask``
@@ -171,45 +173,30 @@ class Idefics3ImageProcessor:
                 "pixel_attention_mask": torch.from_numpy(mask), "rows": rows, "cols": cols}
 
 
-class Idefics3Processor(ContentPartsPrompt):
-    """Tokenizer + chat template + image processor of one Idefics3 / SmolVLM model (``prompt`` and
-    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
+class Idefics3Processor(ContentPartsProcessor):
+    """Tokenizer + chat template + image processor of one Idefics3 / SmolVLM model
+    (``for_model``, ``from_pretrained``, ``render``, ``prompt`` and decoding:
+    :class:`~imagefm.vlm_processing.ContentPartsProcessor`)."""
+
+    architecture = Idefics3.architecture
+    config_class = Idefics3Config
 
     def __init__(self, config: Idefics3Config, tokenizer: Any, chat_template: str | None) -> None:
-        if tokenizer is None:
-            raise ValueError("an Idefics3 processor needs the model's tokenizer")
+        require_tokenizer(tokenizer, "an Idefics3 processor")
         for token in (config.image_token, config.fake_image_token, config.global_image_token):
             if tokenizer.token_to_id(token) is None:
                 raise ValueError(f"the tokenizer has no {token!r} token; the model's tokenizer "
                                  f"has it as one whole token")
-        if tokenizer.token_to_id(config.image_token) != config.image_token_id:
-            raise ValueError(f"the tokenizer maps {config.image_token!r} to "
-                             f"{tokenizer.token_to_id(config.image_token)}, the model expects "
-                             f"{config.image_token_id}")
+        check_token_id(tokenizer, config.image_token, config.image_token_id)
         self.config = config
         self.tokenizer = tokenizer  # pieces(): no BOS/EOS added, the template writes its own
         self.image_processor = Idefics3ImageProcessor(config.image)
         self.image_seq_len = config.image_seq_len
-
-        def text(index: int | None) -> str:
-            return (tokenizer.id_to_token(index) or "") if index is not None else ""
-
-        eos = config.lm.eos_token_ids
-        self.bos_token = text(config.lm.bos_token_id)
+        self.bos_token = token_text(tokenizer, config.lm.bos_token_id)
         self.template = ChatTemplate(chat_template, self.bos_token,
-                                     text(eos[0] if eos else None), config.image_token)
-
-    @classmethod
-    def for_model(cls, model: Any) -> Idefics3Processor:
-        return cls(model.config, model.tokenizer, model.chat_template)
+                                     eos_text(tokenizer, config.lm), config.image_token)
 
     # --- text ------------------------------------------------------------------------------------
-
-    def render(self, messages: Messages, *, add_generation_prompt: bool = True,
-               **variables: Any) -> str:
-        """The conversation as prompt text, with the model's chat template."""
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt,
-                                    **variables)
 
     def image_text(self, rows: int, cols: int) -> str:
         """What one ``<image>`` becomes for an image of ``rows`` × ``cols`` tiles."""
@@ -248,8 +235,7 @@ class Idefics3Processor(ContentPartsPrompt):
         """``input_ids``, ``attention_mask`` (+ ``pixel_values``, ``pixel_attention_mask``) for
         prompts already rendered. ``images``: all images of all texts in order of their
         placeholders, or one list per text. Rows are padded on ``padding_side``."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        check_padding_side(padding_side)
         texts = [text] if isinstance(text, str) else list(text)
         per_text = self._split_images(texts, list(images or []))
         batch: dict[str, Any] = {}
@@ -260,13 +246,7 @@ class Idefics3Processor(ContentPartsPrompt):
                                                                   batch.pop("cols"), strict=True)]
         rows = [self.encode(self.expand(t, g), add_special_tokens=add_special_tokens)
                 for t, g in zip(texts, grids, strict=True)]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), None) if padding_side == "left" else slice(len(row))
-            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
+        input_ids, mask = pad_rows(rows, self.tokenizer.pad_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": mask, **batch}
 
     def _split_images(self, texts: list[str], images: list[Any]) -> list[list[Any]]:
@@ -291,23 +271,11 @@ class Idefics3Processor(ContentPartsPrompt):
         ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts (``path`` and
         ``url`` keys are read too). As the reference, no BOS is added when the rendered prompt
         already starts with it."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
         texts, images = [], []
-        for messages in conversations:
+        for messages in conversation_list(conversations):
             texts.append(self.render(messages, add_generation_prompt=add_generation_prompt,
                                      **variables))
-            sample = []
-            for message in messages:
-                content = message["content"]
-                for part in content if isinstance(content, list) else []:
-                    if part.get("type") == "image":
-                        source = next((part[k] for k in ("image", "path", "url")
-                                       if part.get(k) is not None), None)
-                        if source is None:
-                            raise ValueError("an image part needs its picture under 'image'")
-                        sample.append(source)
-            images.append(sample)
+            images.append(image_sources(messages, keys=("image", "path", "url")))
         starts_with_bos = bool(self.bos_token) and texts[0].startswith(self.bos_token)
         return self(texts, images, padding_side=padding_side,
                     add_special_tokens=not starts_with_bos)

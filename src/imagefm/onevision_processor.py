@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,29 +41,29 @@ import torch
 from PIL import Image
 
 from imagefm.chat import ChatTemplate
-from imagefm.data.image import (
-    _RESAMPLING,
-    _array_to_pil,
-    _normalisation_table,
-    _rgb_array,
-    open_image,
-)
+from imagefm.data.image import _RESAMPLING, _normalisation_table
 from imagefm.models.llava_onevision import (
+    LlavaOneVision,
     OneVisionConfig,
     image_token_count,
     select_best_resolution,
 )
-from imagefm.vlm_runtime import ContentPartsPrompt
+from imagefm.vlm_processing import (
+    ContentPartsProcessor,
+    check_all_used,
+    check_padding_side,
+    check_token_id,
+    conversation_list,
+    eos_text,
+    expand_placeholders,
+    image_sources,
+    normalise,
+    open_rgb,
+    pad_rows,
+    require_tokenizer,
+)
 
 Messages = Sequence[dict[str, Any]]
-
-
-def _pil(image: Any) -> Image.Image:
-    """An RGB PIL image from a path, bytes, PIL image or uint8 array."""
-    if isinstance(image, np.ndarray):
-        rgb = _rgb_array(image)
-        return Image.fromarray(rgb) if rgb is not None else open_image(_array_to_pil(image))
-    return open_image(image)
 
 
 class OneVisionImageProcessor:
@@ -110,13 +109,6 @@ class OneVisionImageProcessor:
             image = canvas
         return self._squash(image)
 
-    def _normalise(self, patch: Image.Image) -> np.ndarray:
-        pixels = np.asarray(patch)
-        out = np.empty((3, self.size, self.size), dtype=np.float32)
-        for channel in range(3):  # table lookup: exactly the reference's float32 values
-            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
-        return out
-
     def __call__(self, images: Sequence[Any] | Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
         """``images`` flat (each its own conversation, so each is tiled) or grouped per
         conversation (a group of several: no tiling), as the reference takes them."""
@@ -125,9 +117,9 @@ class OneVisionImageProcessor:
         patches, sizes = [], []
         for group in groups:
             for image in group:
-                pil = _pil(image)
+                pil = open_rgb(image)
                 pieces = self.tiles(pil) if len(group) == 1 else [self.square(pil)]
-                patches.append(np.stack([self._normalise(p) for p in pieces]))
+                patches.append(np.stack([normalise(self._table, np.asarray(p)) for p in pieces]))
                 sizes.append((pil.height, pil.width))
         most = max(len(p) for p in patches)
         pixel_values = np.zeros((len(patches), most, 3, self.size, self.size), dtype=np.float32)
@@ -138,65 +130,28 @@ class OneVisionImageProcessor:
                 "batch_num_images": torch.tensor([len(g) for g in groups], dtype=torch.long)}
 
 
-class OneVisionProcessor(ContentPartsPrompt):
-    """Tokenizer + chat template + image processor of one LLaVA-OneVision model (``prompt`` and
-    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
+class OneVisionProcessor(ContentPartsProcessor):
+    """Tokenizer + chat template + image processor of one LLaVA-OneVision model (``for_model``,
+    ``from_pretrained``, ``render``, ``prompt`` and decoding:
+    :class:`~imagefm.vlm_processing.ContentPartsProcessor`)."""
+
+    architecture = LlavaOneVision.architecture
+    config_class = OneVisionConfig
 
     def __init__(self, config: OneVisionConfig, tokenizer: Any, chat_template: str | None) -> None:
-        if tokenizer is None:
-            raise ValueError("a LLaVA-OneVision processor needs the model's tokenizer")
-        if tokenizer.token_to_id(config.image_token) != config.image_token_id:
-            raise ValueError(f"the tokenizer maps {config.image_token!r} to "
-                             f"{tokenizer.token_to_id(config.image_token)}, the model expects "
-                             f"{config.image_token_id}")
+        require_tokenizer(tokenizer, "a LLaVA-OneVision processor")
+        check_token_id(tokenizer, config.image_token, config.image_token_id)
         self.config = config
         self.tokenizer = tokenizer  # pieces(): no BOS/EOS added, the template writes its own
         self.image_processor = OneVisionImageProcessor(config)
-        eos = config.lm.eos_token_ids
-        self.template = ChatTemplate(chat_template, "",
-                                     (tokenizer.id_to_token(eos[0]) or "") if eos else "",
+        self.template = ChatTemplate(chat_template, "", eos_text(tokenizer, config.lm),
                                      config.image_token)
-
-    @classmethod
-    def for_model(cls, model: Any) -> OneVisionProcessor:
-        return cls(model.config, model.tokenizer, model.chat_template)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> OneVisionProcessor:
-        """The processor of an imagefm LLaVA-OneVision directory, without loading weights."""
-        from imagefm.checkpoint import CHAT_TEMPLATE_FILE, CheckpointError, read_meta
-        from imagefm.models.llava_onevision import LlavaOneVision
-        from imagefm.tokenizer import Tokenizer
-
-        directory = Path(path)
-        meta = read_meta(directory)
-        if meta.get("architecture") != LlavaOneVision.architecture:
-            raise CheckpointError(f"{directory} holds a {meta.get('architecture')!r} model, not "
-                                  f"{LlavaOneVision.architecture!r}")
-        template = directory / CHAT_TEMPLATE_FILE
-        return cls(OneVisionConfig.from_dict(meta["config"]), Tokenizer.from_pretrained(directory),
-                   template.read_text(encoding="utf-8") if template.is_file() else None)
-
-    def render(self, messages: Messages, *, add_generation_prompt: bool = True,
-               **variables: Any) -> str:
-        """The conversation as prompt text, with the model's chat template."""
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt,
-                                    **variables)
 
     def encode(self, text: str, counts: Iterator[int]) -> list[int]:
         """Ids of ``text`` with each ``<image>`` expanded to the next of ``counts`` tokens."""
-        token = self.config.image_token_id
-        ids: list[int] = []
-        for index in self.tokenizer.pieces(text):
-            if index != token:
-                ids.append(index)
-                continue
-            count = next(counts, None)
-            if count is None:
-                raise ValueError(f"the text holds more {self.config.image_token} placeholders "
-                                 f"than images were given")
-            ids.extend([token] * count)
-        return ids
+        config = self.config
+        return expand_placeholders(self.tokenizer.pieces(text), {
+            config.image_token_id: (counts, config.image_token, "image")})
 
     def __call__(self, text: str | Sequence[str],
                  images: Sequence[Any] | Sequence[Sequence[Any]] | None = None, *,
@@ -205,8 +160,7 @@ class OneVisionProcessor(ContentPartsPrompt):
         ``batch_num_images``) for prompts already rendered. ``images``: those of all texts in
         order, flat (each image tiled, as if alone) or one list per text (several in a list: not
         tiled). Rows are padded on ``padding_side`` (left for generation)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        check_padding_side(padding_side)
         texts = [text] if isinstance(text, str) else list(text)
         batch: dict[str, torch.Tensor] = {}
         counts: list[int] = []
@@ -217,17 +171,8 @@ class OneVisionProcessor(ContentPartsPrompt):
                       for (h, w), t in zip(batch["image_sizes"].tolist(), tiled, strict=True)]
         unused = iter(counts)
         rows = [self.encode(piece, unused) for piece in texts]
-        left = sum(1 for _ in unused)
-        if left:
-            raise ValueError(f"{len(counts)} image(s) were given but the text holds "
-                             f"{len(counts) - left} {self.config.image_token} placeholder(s)")
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), None) if padding_side == "left" else slice(len(row))
-            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
+        check_all_used(len(counts), unused, "image", self.config.image_token)
+        input_ids, mask = pad_rows(rows, self.tokenizer.pad_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": mask, **batch}
 
     def apply_chat_template(self, conversations: Messages | Sequence[Messages], *,
@@ -236,19 +181,9 @@ class OneVisionProcessor(ContentPartsPrompt):
         """Render one conversation (or a list of them) and process it with the images found in
         its ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts, grouped per
         conversation (a conversation with several images does not tile them)."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
         texts, groups = [], []
-        for messages in conversations:
+        for messages in conversation_list(conversations):
             texts.append(self.render(messages, add_generation_prompt=add_generation_prompt,
                                      **variables))
-            group = []
-            for message in messages:
-                content = message["content"]
-                for part in content if isinstance(content, list) else []:
-                    if part.get("type") == "image":
-                        if part.get("image") is None:
-                            raise ValueError("an image part needs its picture under 'image'")
-                        group.append(part["image"])
-            groups.append(group)
+            groups.append(image_sources(messages))
         return self(texts, groups if any(groups) else None, padding_side=padding_side)

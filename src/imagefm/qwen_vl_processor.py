@@ -34,19 +34,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from imagefm.chat import ChatTemplate
-from imagefm.data.image import (
-    _RESAMPLING,
-    _array_to_pil,
-    _normalisation_table,
-    _rgb_array,
-    open_image,
-)
-from imagefm.models.qwen_vl import QwenVLConfig
+from imagefm.data.image import _RESAMPLING, _normalisation_table
+from imagefm.models.qwen_vl import QwenVL, QwenVLConfig
 from imagefm.qwen_vl_video import QwenVLVideoProcessor, smart_resize
-from imagefm.vlm_runtime import ContentPartsPrompt
+from imagefm.vlm_processing import (
+    ContentPartsProcessor,
+    check_all_used,
+    check_padding_side,
+    check_token_id,
+    content_parts,
+    conversation_list,
+    eos_text,
+    expand_placeholders,
+    image_sources,
+    normalise,
+    open_rgb,
+    pad_rows,
+    require_tokenizer,
+)
 
 Messages = Sequence[dict[str, Any]]
 
@@ -68,11 +75,7 @@ class QwenVLImageProcessor:
 
     def pixels(self, image: Any) -> np.ndarray:
         """The resized ``uint8`` RGB pixels [H, W, 3] of a path, bytes, PIL image or array."""
-        if isinstance(image, np.ndarray):
-            rgb = _rgb_array(image)
-            pil = Image.fromarray(rgb) if rgb is not None else open_image(_array_to_pil(image))
-        else:
-            pil = open_image(image)
+        pil = open_rgb(image)
         height, width = self.target_size(pil.height, pil.width)
         if (width, height) != pil.size:
             pil = pil.resize((width, height), self._resample)
@@ -82,9 +85,7 @@ class QwenVLImageProcessor:
         """Normalised patch rows of one image, in the tower's order, and its (t, h, w) grid."""
         height, width, _ = pixels.shape
         p, m, t, c = self.patch, self.merge, self.temporal, self.channels
-        normed = np.empty((c, height, width), dtype=np.float32)
-        for channel in range(c):  # table lookup: exactly the reference's float32 values
-            np.take(self._table[channel], pixels[:, :, channel], out=normed[channel])
+        normed = normalise(self._table, pixels)  # [C, H, W]
         gh, gw = height // p, width // p
         blocks = normed.reshape(c, gh // m, m, p, gw // m, m, p)
         blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
@@ -101,56 +102,35 @@ class QwenVLImageProcessor:
                 "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
-class QwenVLProcessor(ContentPartsPrompt):
-    """Tokenizer + chat template + image processor of one Qwen2-VL model (``prompt`` and
-    decoding: :class:`~imagefm.vlm_runtime.ContentPartsPrompt`)."""
+class QwenVLProcessor(ContentPartsProcessor):
+    """Tokenizer + chat template + image processor of one Qwen2-VL model (``for_model``,
+    ``from_pretrained``, ``render``, ``prompt`` and decoding:
+    :class:`~imagefm.vlm_processing.ContentPartsProcessor`)."""
+
+    architecture = QwenVL.architecture
+    config_class = QwenVLConfig
 
     def __init__(self, config: QwenVLConfig, tokenizer: Any, chat_template: str | None) -> None:
-        if tokenizer is None:
-            raise ValueError("a Qwen2-VL processor needs the model's tokenizer")
-        if tokenizer.token_to_id(config.image_token) != config.image_token_id:
-            raise ValueError(f"the tokenizer maps {config.image_token!r} to "
-                             f"{tokenizer.token_to_id(config.image_token)}, the model expects "
-                             f"{config.image_token_id}")
+        require_tokenizer(tokenizer, "a Qwen2-VL processor")
+        check_token_id(tokenizer, config.image_token, config.image_token_id)
         self.config = config
         self.tokenizer = tokenizer  # pieces(): no BOS/EOS added, the template writes its own
         self.image_processor = QwenVLImageProcessor(config)
         self.video_processor = QwenVLVideoProcessor(config)
-        eos = config.lm.eos_token_ids
         placeholder = config.vision_start_token + config.image_token + config.vision_end_token
-        self.template = ChatTemplate(chat_template, "",
-                                     (tokenizer.id_to_token(eos[0]) or "") if eos else "",
+        self.template = ChatTemplate(chat_template, "", eos_text(tokenizer, config.lm),
                                      placeholder)
-
-    @classmethod
-    def for_model(cls, model: Any) -> QwenVLProcessor:
-        return cls(model.config, model.tokenizer, model.chat_template)
-
-    def render(self, messages: Messages, *, add_generation_prompt: bool = True,
-               **variables: Any) -> str:
-        """The conversation as prompt text, with the model's chat template."""
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt,
-                                    **variables)
 
     def encode(self, text: str, grids: Iterator[tuple[int, int, int]],
                video_grids: Iterator[tuple[int, int, int]] | None = None) -> list[int]:
         """Ids of ``text`` with each ``<|image_pad|>`` expanded for the next of ``grids`` (and
         each ``<|video_pad|>`` for the next of ``video_grids``)."""
         config = self.config
-        pads = {config.image_token_id: (grids, config.image_token, "images"),
-                config.video_token_id: (video_grids or iter(()), config.video_token, "videos")}
-        ids: list[int] = []
-        for index in self.tokenizer.pieces(text):
-            if index not in pads:
-                ids.append(index)
-                continue
-            source, token, what = pads[index]
-            grid = next(source, None)
-            if grid is None:
-                raise ValueError(f"the text holds more {token} placeholders than {what} were "
-                                 f"given")
-            ids.extend([index] * config.image_tokens(grid))
-        return ids
+        counts = {config.image_token_id: (map(config.image_tokens, grids), config.image_token,
+                                          "image"),
+                  config.video_token_id: (map(config.image_tokens, video_grids or iter(())),
+                                          config.video_token, "video")}
+        return expand_placeholders(self.tokenizer.pieces(text), counts)
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
                  videos: Sequence[Any] | None = None, *,
@@ -162,8 +142,7 @@ class QwenVLProcessor(ContentPartsPrompt):
         list of frames or a [T, H, W, C] array, :mod:`imagefm.qwen_vl_video`) add
         ``pixel_values_videos``, ``video_grid_thw`` and, for Qwen2.5-VL, ``second_per_grid_ts``
         from ``fps`` (one rate, or one per video; default ``config.video.fps``)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        check_padding_side(padding_side)
         texts = [text] if isinstance(text, str) else list(text)
         batch: dict[str, torch.Tensor] = {}
         grids: list[tuple[int, int, int]] = []
@@ -173,20 +152,9 @@ class QwenVLProcessor(ContentPartsPrompt):
         video_grids = self._add_videos(batch, videos, fps)
         unused, unused_videos = iter(grids), iter(video_grids)
         rows = [self.encode(piece, unused, unused_videos) for piece in texts]
-        for given, rest, what, token in ((grids, unused, "image", self.config.image_token),
-                                         (video_grids, unused_videos, "video",
-                                          self.config.video_token)):
-            left = sum(1 for _ in rest)
-            if left:
-                raise ValueError(f"{len(given)} {what}(s) were given but the text holds "
-                                 f"{len(given) - left} {token} placeholder(s)")
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), None) if padding_side == "left" else slice(len(row))
-            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
+        check_all_used(len(grids), unused, "image", self.config.image_token)
+        check_all_used(len(video_grids), unused_videos, "video", self.config.video_token)
+        input_ids, mask = pad_rows(rows, self.tokenizer.pad_id, padding_side)
         types = ((input_ids == self.config.image_token_id).long()
                  + 2 * (input_ids == self.config.video_token_id).long()) * mask
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types,
@@ -199,10 +167,7 @@ class QwenVLProcessor(ContentPartsPrompt):
         if not videos:
             return []
         config = self.config
-        if self.tokenizer.token_to_id(config.video_token) != config.video_token_id:
-            raise ValueError(f"the tokenizer maps {config.video_token!r} to "
-                             f"{self.tokenizer.token_to_id(config.video_token)}, the model "
-                             f"expects {config.video_token_id}")
+        check_token_id(self.tokenizer, config.video_token, config.video_token_id)
         out = self.video_processor(list(videos), fps)
         seconds = out.pop("second_per_grid_ts")
         if config.model_type == "qwen2_5_vl":
@@ -217,22 +182,14 @@ class QwenVLProcessor(ContentPartsPrompt):
         its ``{"type": "image", "image": <path, bytes, PIL image or array>}`` parts and the
         videos of its ``{"type": "video", "video": <frames or [T, H, W, C] array>, "fps": ...}``
         parts (``fps`` optional)."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
         texts, images, videos, rates = [], [], [], []
-        for messages in conversations:
+        for messages in conversation_list(conversations):
             texts.append(self.render(messages, add_generation_prompt=add_generation_prompt,
                                      **variables))
-            for message in messages:
-                content = message["content"]
-                for part in content if isinstance(content, list) else []:
-                    if part.get("type") == "image":
-                        if part.get("image") is None:
-                            raise ValueError("an image part needs its picture under 'image'")
-                        images.append(part["image"])
-                    elif part.get("type") == "video":
-                        if part.get("video") is None:
-                            raise ValueError("a video part needs its frames under 'video'")
-                        videos.append(part["video"])
-                        rates.append(part.get("fps"))
+            images += image_sources(messages)
+            for part in content_parts(messages, "video"):
+                if part.get("video") is None:
+                    raise ValueError("a video part needs its frames under 'video'")
+                videos.append(part["video"])
+                rates.append(part.get("fps"))
         return self(texts, images, videos, fps=rates, padding_side=padding_side)

@@ -28,6 +28,7 @@ import torch
 from imagefm.chat import ChatTemplate, content_text, normalize_messages, reply_segments
 from imagefm.config import ImageCard
 from imagefm.models.decoder import IGNORE_INDEX
+from imagefm.vlm_processing import pad_rows
 
 Messages = Sequence[dict[str, Any]]
 
@@ -197,12 +198,7 @@ class VLMProcessor:
         if placeholders != len(images):
             raise ValueError(f"the conversations hold {placeholders} image placeholder(s) "
                              f"but {len(images)} image(s) were given")
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, length - len(row):] = torch.tensor(row)
-            mask[i, length - len(row):] = 1
+        input_ids, mask = pad_rows(rows, self.pad_id, "left")
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if images:
             batch["pixel_values"] = self.images(images)

@@ -14,7 +14,8 @@ Each family implements two small interfaces:
   ``onevision_processor``, ``idefics3_processor``): ``prompt(conversations, images)`` renders
   conversations with the model's chat template and expands each image into the family's
   placeholder tokens (a string content marks an image with ``image_marker``, ``<image>``);
-  left-padded, for generation.
+  left-padded, for generation. The last three share their base class and common steps
+  (:mod:`imagefm.vlm_processing`).
 - :class:`ChatVLM` (``models/vlm.py``, ``qwen_vl.py``, ``llava_onevision.py``, ``idefics3.py``):
   ``generation_inputs(**batch)`` runs the vision tower once and gives what the decoder's
   generation loop needs besides the ids (``inputs_embeds``; Qwen-VL's M-RoPE ``position_ids`` and
@@ -32,8 +33,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-from imagefm.chat import IMAGE_TOKEN, with_image_parts
 
 Messages = Sequence[dict[str, Any]]
 
@@ -78,33 +77,6 @@ class ChatVLM(Protocol):
         ...
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
-
-
-class ContentPartsPrompt:
-    """:meth:`ChatProcessor.prompt` (and decoding) for the processors whose
-    ``apply_chat_template`` takes content parts with the pictures in them, as the reference's
-    do (Qwen2-VL, LLaVA-OneVision, Idefics3): the conversations go through
-    :func:`imagefm.chat.with_image_parts` first."""
-
-    image_marker = IMAGE_TOKEN
-    tokenizer: Any
-
-    def apply_chat_template(self, conversations: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def prompt(self, conversations: Sequence[Messages], images: Sequence[Any] = ()
-               ) -> dict[str, torch.Tensor]:
-        """Left-padded generation prompts of ``conversations`` and their ``images`` in order
-        (string content marks an image with ``<image>``; one image per conversation and no
-        mark: it goes first in the first user turn)."""
-        return self.apply_chat_template(with_image_parts(conversations, images,
-                                                         marker=self.image_marker))
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        return self.tokenizer.decode(ids)
-
-    def batch_decode(self, rows: Any) -> list[str]:
-        return [self.decode(row) for row in rows]
 
 
 def is_vlm(model: Any) -> bool:

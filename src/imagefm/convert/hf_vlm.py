@@ -13,28 +13,84 @@ A VLM directory as transformers 5 writes it with ``save_pretrained`` (model and 
 The family exporters (:func:`imagefm.convert.qwen2_vl.export_qwen2_vl`,
 :func:`imagefm.convert.llava.export_llava`,
 :func:`imagefm.convert.llava_onevision.export_llava_onevision`) write config.json, the weights and
-processor_config.json; the helpers here write the rest.
+processor_config.json; the helpers here write the rest. The family loaders (Qwen2-VL,
+LLaVA-OneVision, Idefics3) read such a directory with :func:`load_hf_vlm`,
+:func:`load_hf_vlm_processor` and :func:`image_interpolation`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
-from imagefm.checkpoint import CheckpointError, atomic_write_text
-from imagefm.convert.llama import config_to_hf_lm
+from imagefm.checkpoint import CheckpointError, atomic_write_text, empty_parameters
+from imagefm.convert.hf import _RESAMPLE_FROM_HF, read_hf_weights
+from imagefm.convert.keymap import KeyMap, load_with_key_map
+from imagefm.convert.llama import config_to_hf_lm, load_lm_tokenizer, read_chat_template
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.quantized import dequantize_decoder, is_quantized
 from imagefm.tokenizer import SETTINGS_FILE, TOKENIZER_JSON
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+Model = TypeVar("Model", bound=nn.Module)
+
+
+# --- reading a Hugging Face VLM directory --------------------------------------------------------
+
+def load_hf_vlm(model_class: Callable[[Any], Model], config: Any, directory: Path,
+                key_map: Callable[[list[str]], KeyMap], *, strict: bool,
+                weights: dict[str, torch.Tensor] | None = None) -> Model:
+    """``model_class(config)`` (on the meta device when imagefm.load asks) with the directory's
+    weights (or ``weights`` read from it) loaded through ``key_map(their names)``, then the LM's
+    tokenizer and the chat template; in eval mode. ``strict`` fails on any missing,
+    unexpected or mis-shaped key."""
+    with empty_parameters():
+        model = model_class(config)
+    weights = read_hf_weights(directory) if weights is None else weights
+    load_with_key_map(model, key_map(list(weights)), weights, strict=strict,
+                      where=str(directory))
+    model.tokenizer = load_lm_tokenizer(directory, config.lm)
+    model.chat_template = read_chat_template(directory)
+    return model.eval()
+
+
+def load_hf_vlm_processor(processor_class: Any, path: str | Path,
+                          read_config: Callable[[Path], Any]) -> Any:
+    """The processor of a VLM directory, without loading weights: an imagefm directory through
+    ``processor_class.from_pretrained``; a Hugging Face one from ``read_config(directory)``, the
+    LM's tokenizer and the chat template."""
+    directory = Path(path)
+    if (directory / IMAGEFM_FILE).is_file():
+        return processor_class.from_pretrained(directory)
+    config = read_config(directory)
+    return processor_class(config, load_lm_tokenizer(directory, config.lm),
+                           read_chat_template(directory))
+
+
+def image_interpolation(pre: dict[str, Any], where: str, steps: Sequence[str]) -> str:
+    """Our interpolation name for the resampling filter of an HF image processor's settings
+    ``pre`` (PIL's code; bicubic when absent), once the pixel steps are those our processors
+    compute: none of ``steps`` (``do_resize``...) turned off, a rescale by 1/255."""
+    for flag in steps:
+        if pre.get(flag) is False:
+            raise CheckpointError(f"{where}: {flag} = false is not supported")
+    if abs(pre.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        raise CheckpointError(f"{where}: rescale_factor {pre['rescale_factor']} is not 1/255")
+    resample = pre.get("resample", 3)
+    if resample not in _RESAMPLE_FROM_HF:
+        raise CheckpointError(f"{where}: resample {resample!r} is not supported")
+    return _RESAMPLE_FROM_HF[resample]
+
+
+# --- writing one ---------------------------------------------------------------------------------
 
 
 def refuse(target: str, problems: list[str]) -> None:

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from imagefm.checkpoint import CheckpointError, atomic_write_text, empty_parameters, save_state_dict
+from imagefm.checkpoint import CheckpointError, atomic_write_text, save_state_dict
 from imagefm.config import ConfigError
 from imagefm.convert.hf import (
     _ACT_TO_HF,
@@ -29,15 +29,13 @@ from imagefm.convert.hf import (
     _read_json,
     _sub_config,
     _vision,
-    read_hf_weights,
 )
-from imagefm.convert.keymap import KeyMap, load_with_key_map, rule
+from imagefm.convert.hf_vlm import load_hf_vlm, load_hf_vlm_processor
+from imagefm.convert.keymap import KeyMap, rule
 from imagefm.convert.llama import (
     config_from_hf_lm,
     config_to_hf_lm,
     hf_lm_key_map,
-    load_lm_tokenizer,
-    read_chat_template,
 )
 from imagefm.convert.llava import _prefix, _rerooted
 from imagefm.idefics3_processor import Idefics3Processor
@@ -189,45 +187,26 @@ def idefics3_key_map(config: Idefics3Config, keys: list[str] | None = None) -> K
 
 # --- load / export -----------------------------------------------------------------------------
 
+def read_config(directory: Path) -> Idefics3Config:
+    """The config of an HF Idefics3 / SmolVLM directory: config.json and the processor,
+    tokenizer and generation files."""
+    return config_from_idefics3(_read_json(directory / CONFIG_FILE), directory,
+                                str(directory / CONFIG_FILE))
+
+
 def load_idefics3(path: str | Path, *, strict: bool = True) -> Idefics3:
     """Load an HF Idefics3 / SmolVLM directory (weights, tokenizer, chat template, image
     settings). ``strict`` fails on any key mismatch."""
     directory = Path(path)
-    config = config_from_idefics3(_read_json(directory / CONFIG_FILE), directory,
-                                  str(directory / CONFIG_FILE))
-    with empty_parameters():
-        model = Idefics3(config)
-    weights = read_hf_weights(directory)
-    load_with_key_map(model, idefics3_key_map(config, list(weights)), weights, strict=strict,
-                      where=str(directory))
-    model.tokenizer = load_lm_tokenizer(directory, config.lm)
-    model.chat_template = read_chat_template(directory)
-    return model.eval()
+    config = read_config(directory)
+    return load_hf_vlm(Idefics3, config, directory, lambda keys: idefics3_key_map(config, keys),
+                       strict=strict)
 
 
 def load_idefics3_processor(path: str | Path) -> Idefics3Processor:
     """The processor of an Idefics3 / SmolVLM directory (HF or imagefm format), without
     loading weights."""
-    from imagefm.checkpoint import CHAT_TEMPLATE_FILE, read_meta
-    from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
-
-    directory = Path(path)
-    if (directory / IMAGEFM_FILE).is_file():
-        from imagefm.tokenizer import Tokenizer
-
-        meta = read_meta(directory)
-        if meta.get("architecture") != Idefics3.architecture:
-            raise CheckpointError(f"{directory} holds a {meta.get('architecture')!r} model, "
-                                  f"not {Idefics3.architecture!r}")
-        template = directory / CHAT_TEMPLATE_FILE
-        return Idefics3Processor(Idefics3Config.from_dict(meta["config"]),
-                                 Tokenizer.from_pretrained(directory),
-                                 template.read_text(encoding="utf-8") if template.is_file()
-                                 else None)
-    config = config_from_idefics3(_read_json(directory / CONFIG_FILE), directory,
-                                  str(directory / CONFIG_FILE))
-    return Idefics3Processor(config, load_lm_tokenizer(directory, config.lm),
-                             read_chat_template(directory))
+    return load_hf_vlm_processor(Idefics3Processor, path, read_config)
 
 
 def export_idefics3(model: Idefics3, path: str | Path) -> Path:

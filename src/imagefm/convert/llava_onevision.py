@@ -23,26 +23,24 @@ from typing import Any
 
 import torch
 
-from imagefm.checkpoint import CheckpointError, empty_parameters, save_state_dict
+from imagefm.checkpoint import CheckpointError, save_state_dict
 from imagefm.config import ConfigError
 from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json, _sub_config, _vision, read_hf_weights
 from imagefm.convert.hf_vlm import (
     check_token,
     dtype_name,
     float_state_dict,
+    image_interpolation,
+    load_hf_vlm,
+    load_hf_vlm_processor,
     make_directory,
     refuse,
     write_generation_config,
     write_json,
     write_tokenizer,
 )
-from imagefm.convert.keymap import KeyMap, load_with_key_map, rule
-from imagefm.convert.llama import (
-    CONFIG_FILE,
-    config_from_hf_lm,
-    load_lm_tokenizer,
-    read_chat_template,
-)
+from imagefm.convert.keymap import KeyMap, rule
+from imagefm.convert.llama import CONFIG_FILE, config_from_hf_lm
 from imagefm.convert.llava import (
     _TOWERS,
     PUBLISHED_KEYS,
@@ -64,24 +62,17 @@ PROCESSOR_FILE = "processor_config.json"
 _VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch_size=14, image_size=384,
                         num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
 _DEFAULT_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's numbers
 
 
 # --- config.json + the processor's settings → OneVisionConfig -------------------------------------
 
 def _image_config(pre: dict[str, Any], where: str) -> OneVisionImageConfig:
-    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
-        if pre.get(flag) is False:
-            raise CheckpointError(f"{where}: {flag} = false is not supported")
     if pre.get("do_center_crop"):
         raise CheckpointError(f"{where}: do_center_crop is not supported")
-    if abs(pre.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
-        raise CheckpointError(f"{where}: rescale_factor {pre['rescale_factor']} is not 1/255")
-    resample = pre.get("resample", 3)
-    if resample not in _RESAMPLE:
-        raise CheckpointError(f"{where}: resample {resample!r} is not supported")
+    interpolation = image_interpolation(
+        pre, where, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"))
     defaults = OneVisionImageConfig()
-    return OneVisionImageConfig(interpolation=_RESAMPLE[resample],
+    return OneVisionImageConfig(interpolation=interpolation,
                                 mean=tuple(pre.get("image_mean", defaults.mean)),
                                 std=tuple(pre.get("image_std", defaults.std)))
 
@@ -186,36 +177,25 @@ def load_llava_onevision(path: str | Path, *, strict: bool = True) -> LlavaOneVi
     settings). ``strict`` fails on any missing, unexpected or mis-shaped key."""
     directory = Path(path)
     config, vision_type = read_config(directory)
-    with empty_parameters():  # on the meta device when imagefm.load asks (strict loads)
-        model = LlavaOneVision(config)
     weights = read_hf_weights(directory)
-    keys = list(weights)
     # OneVision reads hidden states before the tower's final norm; checkpoints converted without
     # that norm get an identity one (it never touches the outputs).
-    root = _prefix(keys, "embeddings.patch_embedding.weight", "vision_tower.vision_model.")
+    root = _prefix(list(weights), "embeddings.patch_embedding.weight",
+                   "vision_tower.vision_model.")
     if root + "post_layernorm.weight" not in weights:
         width = config.vision.width
         weights[root + "post_layernorm.weight"] = torch.ones(width)
         weights[root + "post_layernorm.bias"] = torch.zeros(width)
-        keys = list(weights)
-    load_with_key_map(model, llava_onevision_key_map(config, vision_type, keys), weights,
-                      strict=strict, where=str(directory))
-    model.tokenizer = load_lm_tokenizer(directory, config.lm)
-    model.chat_template = read_chat_template(directory)
-    return model.eval()
+    return load_hf_vlm(LlavaOneVision, config, directory,
+                       lambda keys: llava_onevision_key_map(config, vision_type, keys),
+                       strict=strict, weights=weights)
 
 
 def load_llava_onevision_processor(path: str | Path) -> OneVisionProcessor:
     """The processor of a LLaVA-OneVision directory (HF or imagefm format), without loading
     weights."""
-    from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
-
-    directory = Path(path)
-    if (directory / IMAGEFM_FILE).is_file():
-        return OneVisionProcessor.from_pretrained(directory)
-    config, _ = read_config(directory)
-    return OneVisionProcessor(config, load_lm_tokenizer(directory, config.lm),
-                              read_chat_template(directory))
+    return load_hf_vlm_processor(OneVisionProcessor, path,
+                                 lambda directory: read_config(directory)[0])
 
 
 # --- export: LlavaOneVision → a Hugging Face directory --------------------------------------------

@@ -33,22 +33,25 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from imagefm.checkpoint import CheckpointError, empty_parameters, save_state_dict
+from imagefm.checkpoint import CheckpointError, save_state_dict
 from imagefm.config import ConfigError
 from imagefm.convert.hf import _ACT_TO_HF as _HF_ACTIVATIONS
-from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json, read_hf_weights
+from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json
 from imagefm.convert.hf_vlm import (
     check_token,
     dtype_name,
     float_state_dict,
+    image_interpolation,
+    load_hf_vlm,
+    load_hf_vlm_processor,
     make_directory,
     refuse,
     write_generation_config,
     write_json,
     write_tokenizer,
 )
-from imagefm.convert.keymap import KeyMap, Rule, load_with_key_map, reshape, rule, split
-from imagefm.convert.llama import hf_lm_key_map, load_lm_tokenizer, read_chat_template
+from imagefm.convert.keymap import KeyMap, Rule, reshape, rule, split
+from imagefm.convert.llama import hf_lm_key_map
 from imagefm.convert.llava import _prefix, _rerooted
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.qwen2_vl_vision import QwenVisionConfig
@@ -83,7 +86,6 @@ _TEXT_ROPE_THETA, _VISION_ROPE_THETA = 1000000.0, 10000.0
 _MROPE_SECTION = [16, 24, 24]
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "silu": "silu", "relu": "relu"}
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's numbers
 
 
 # --- config.json / preprocessor_config.json → QwenVLConfig ---------------------------------------
@@ -152,14 +154,8 @@ def image_config_from_hf(pre: dict[str, Any] | None, vision: QwenVisionConfig,
         if pre.get(key, ours) != ours:
             raise CheckpointError(f"{where}: {key} {pre[key]} differs from the vision tower's "
                                   f"{ours}")
-    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-        if pre.get(flag) is False:
-            raise CheckpointError(f"{where}: {flag} = false is not supported")
-    if abs(pre.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
-        raise CheckpointError(f"{where}: rescale_factor {pre['rescale_factor']} is not 1/255")
-    resample = pre.get("resample", 3)
-    if resample not in _RESAMPLE:
-        raise CheckpointError(f"{where}: resample {resample!r} is not supported")
+    interpolation = image_interpolation(
+        pre, where, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
     defaults = QwenImageConfig()
     try:
         return QwenImageConfig(
@@ -167,7 +163,7 @@ def image_config_from_hf(pre: dict[str, Any] | None, vision: QwenVisionConfig,
                            or defaults.min_pixels),
             max_pixels=int(pre.get("max_pixels") or size.get("longest_edge")
                            or defaults.max_pixels),
-            interpolation=_RESAMPLE[resample],
+            interpolation=interpolation,
             mean=tuple(pre.get("image_mean", defaults.mean)),
             std=tuple(pre.get("image_std", defaults.std)))
     except ConfigError as err:
@@ -286,46 +282,27 @@ def _video_preprocessor(directory: Path) -> dict[str, Any] | None:
     return None
 
 
+def read_config(directory: Path) -> QwenVLConfig:
+    """The config of an HF Qwen2-VL / Qwen2.5-VL directory: config.json and the image and video
+    processors' settings."""
+    return config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
+                                str(directory / CONFIG_FILE), _video_preprocessor(directory))
+
+
 def load_qwen2_vl(path: str | Path, *, strict: bool = True) -> QwenVL:
     """Load an HF Qwen2-VL or Qwen2.5-VL directory (weights, tokenizer, chat template,
     processor settings).
     ``strict`` fails on any missing, unexpected or mis-shaped key."""
     directory = Path(path)
-    config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
-                                  str(directory / CONFIG_FILE), _video_preprocessor(directory))
-    with empty_parameters():  # on the meta device when imagefm.load asks (strict loads)
-        model = QwenVL(config)
-    weights = read_hf_weights(directory)
-    load_with_key_map(model, qwen2_vl_key_map(config, list(weights)), weights, strict=strict,
-                      where=str(directory))
-    model.tokenizer = load_lm_tokenizer(directory, config.lm)
-    model.chat_template = read_chat_template(directory)
-    return model.eval()
+    config = read_config(directory)
+    return load_hf_vlm(QwenVL, config, directory, lambda keys: qwen2_vl_key_map(config, keys),
+                       strict=strict)
 
 
 def load_qwen2_vl_processor(path: str | Path) -> QwenVLProcessor:
     """The processor of a Qwen2-VL / Qwen2.5-VL directory (HF or imagefm format), without
     loading weights."""
-    from imagefm.checkpoint import CHAT_TEMPLATE_FILE, read_meta
-    from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
-
-    directory = Path(path)
-    if (directory / IMAGEFM_FILE).is_file():
-        from imagefm.tokenizer import Tokenizer
-
-        meta = read_meta(directory)
-        if meta.get("architecture") != QwenVL.architecture:
-            raise CheckpointError(f"{directory} holds a {meta.get('architecture')!r} model, "
-                                  f"not {QwenVL.architecture!r}")
-        config = QwenVLConfig.from_dict(meta["config"])
-        template = directory / CHAT_TEMPLATE_FILE
-        return QwenVLProcessor(config, Tokenizer.from_pretrained(directory),
-                               template.read_text(encoding="utf-8") if template.is_file()
-                               else None)
-    config = config_from_qwen2_vl(_read_json(directory / CONFIG_FILE), _preprocessor(directory),
-                                  str(directory / CONFIG_FILE), _video_preprocessor(directory))
-    return QwenVLProcessor(config, load_lm_tokenizer(directory, config.lm),
-                           read_chat_template(directory))
+    return load_hf_vlm_processor(QwenVLProcessor, path, read_config)
 
 
 # --- export: QwenVL → a Hugging Face directory ---------------------------------------------------
