@@ -94,3 +94,17 @@ def test_gguf_repo_needs_a_filename_when_it_holds_several(hub, tmp_path: Path) -
     assert hub.downloaded("org/qwen3-gguf") == ["model-f32.gguf"]  # not the other one
     with pytest.raises(HubError, match="no file 'nope.gguf'"):
         imagefm.load("org/qwen3-gguf", filename="nope.gguf")
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-onevision", "smolvlm"])
+def test_info_describes_every_vlm_family(family: str, tmp_path_factory) -> None:
+    from typer.testing import CliRunner
+
+    from imagefm.cli import app
+
+    local = BUILDERS[family](tmp_path_factory)
+    result = CliRunner().invoke(app, ["info", str(local)])
+    assert result.exit_code == 0, result.output
+    model = imagefm.load(local)
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in result.output
+    assert "vision tower" in result.output and "language model" in result.output

@@ -12,12 +12,22 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
     """Rows (name, value) that describe a loaded model: architecture, size, preprocessing card."""
     from imagefm.checkpoint import architecture_name
     from imagefm.models.decoder import DecoderLM
+    from imagefm.models.dual_encoder import DualEncoder
     from imagefm.models.vlm import VLM
 
     if isinstance(model, DecoderLM):
         return _describe_lm(model, source)
     if isinstance(model, VLM):
         return _describe_vlm(model, source)
+    if not isinstance(model, DualEncoder):  # the other VLM families: the model card's rows
+        from imagefm.model_card import architecture, parameter_count
+
+        count, note = parameter_count(model)
+        return [("source", source),
+                ("architecture", architecture_name(model) + (
+                    f" ({model.config.model_type})" if hasattr(model.config, "model_type") else "")),
+                ("parameters", f"{count:,}" + (f" ({note})" if note else "")),
+                *architecture(model)[1:]]
     c = model.config
     v, t = c.vision, c.text
     rows = [
