@@ -23,9 +23,9 @@ def describe(model: Any, source: str) -> list[tuple[str, str]]:
         from imagefm.model_card import architecture, parameter_count
 
         count, note = parameter_count(model)
+        kind = getattr(model.config, "model_type", None)
         return [("source", source),
-                ("architecture", architecture_name(model) + (
-                    f" ({model.config.model_type})" if hasattr(model.config, "model_type") else "")),
+                ("architecture", architecture_name(model) + (f" ({kind})" if kind else "")),
                 ("parameters", f"{count:,}" + (f" ({note})" if note else "")),
                 *architecture(model)[1:]]
     c = model.config
