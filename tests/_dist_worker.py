@@ -96,3 +96,13 @@ def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def uneven_toy_source(config, model, info):
+    """``data.source=_dist_worker:uneven_toy_source``: the toy pairs, but rank r's loader yields
+    2 + r batches an epoch (a stream whose shards split unevenly over ranks)."""
+    from imagefm.train.data import toy_source
+
+    make_loader = toy_source(config, model, info)
+    make_loader.batches_per_epoch = 2 + info.rank
+    return make_loader

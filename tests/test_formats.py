@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imagefm.data.files import (
+    read_caption_file,
+    read_image_folder,
+    read_llava_json,
+    write_caption_file,
+    write_llava_json,
+)
 from imagefm.data.formats import (
     RecordError,
     ShardReadError,
@@ -18,14 +25,8 @@ from imagefm.data.formats import (
     SkipCounter,
     iter_tar_samples,
     list_shards,
-    read_caption_file,
-    read_image_folder,
-    read_llava_json,
     read_shards,
     safe_key,
-    split_member_name,
-    write_caption_file,
-    write_llava_json,
     write_shards,
 )
 from imagefm.data.records import Box, Caption, Record, Turn
@@ -122,10 +123,17 @@ def test_safe_key() -> None:
         safe_key("...")
 
 
-def test_split_member_name() -> None:
-    assert split_member_name("abc.mask.png") == ("abc", "mask.png")
-    assert split_member_name("dir/x.y/abc.JPG") == ("dir/x.y/abc", "jpg")
-    assert split_member_name("README") == ("README", "")
+def test_member_names_split_at_the_basenames_first_dot(tmp_path: Path) -> None:
+    """Keys end at the basename's first dot, extensions are lower-cased, members without an
+    extension are no samples (webdataset's grouping, which iter_tar_samples uses)."""
+    shard = tmp_path / "names.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("abc.png", "abc.mask.png", "dir/x.y/abc.JPG", "README", "def.ko.txt"):
+            add_member(tar, name, name.encode())
+    samples = list(iter_tar_samples(shard))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("abc", ["mask.png", "png"]), ("dir/x.y/abc", ["jpg"]), ("def", ["ko.txt"])]
+    assert samples[0]["__url__"] == str(shard)
 
 
 def test_reads_plain_webdataset_layout(tmp_path: Path) -> None:

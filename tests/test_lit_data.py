@@ -99,6 +99,21 @@ def test_cached_features_are_the_locked_towers_output(tmp_path, fake_recipe):
                                   model, DistInfo())
 
 
+def test_more_images_than_fit_in_memory_are_refused_with_the_streaming_way(fake_recipe,
+                                                                          monkeypatch):
+    from imagefm.config import ConfigError
+
+    monkeypatch.setattr(recipe_data, "MAX_IN_MEMORY", 5)
+    records = recipe_data.read_train_records(["fake"], ["en"])
+    with pytest.raises(ConfigError, match="data.source=stream"):
+        recipe_data.collect(records, _CountingTokenizer())
+
+
+class _CountingTokenizer:
+    def encode_batch(self, texts):
+        return [[len(t)] for t in texts]
+
+
 def test_the_source_needs_a_model_tokenizer(tmp_path, fake_recipe):
     config = _config(tmp_path)
     model = build_model(config)

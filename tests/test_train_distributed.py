@@ -52,6 +52,11 @@ def train(config: Path, world_size: int, *overrides: str, timeout: float = 180) 
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "imagefm.train", str(config), *overrides], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    wait_for_all(procs, timeout, "rank")
+
+
+def wait_for_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:
+    """Wait for every process; kill the rest if one hangs; each must have succeeded."""
     outputs = []
     try:
         for proc in procs:
@@ -60,8 +65,8 @@ def train(config: Path, world_size: int, *overrides: str, timeout: float = 180) 
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+    for index, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"{what} {index} failed:\n{output[-3000:]}"
 
 
 def assert_same_weights(run_a: Path, run_b: Path, atol: float) -> None:
@@ -132,3 +137,24 @@ def test_siglip_ddp_matches_one_process(tmp_path):
     train(config, 2, f"run.output_dir={tmp_path}", "run.name=ddp")
     assert_same_losses(tmp_path / "single", tmp_path / "ddp")
     assert_same_weights(tmp_path / "single", tmp_path / "ddp", atol=1e-5)
+
+
+def test_ranks_with_uneven_loaders_end_each_epoch_together(tmp_path, monkeypatch):
+    """Rank 0's loader has 2 batches an epoch, rank 1's 3 (training and held-out data): every
+    rank ends the epoch after 2, so two processes train, and evaluate, exactly as one process
+    on rank 0's data; without the agreement rank 1's held-out pass would wait forever.
+    Training accumulates 2 micro-batches a step (contrastive: GradCache over both ranks')."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # _dist_worker importable
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("steps: 4", "steps: 5").replace("layers: 2", "layers: 1"))
+    args = [f"run.output_dir={tmp_path}", "data.source=_dist_worker:uneven_toy_source",
+            "data.options={}", "train.accumulate=2", "eval.every=2", "eval.data=held-out"]
+    train(config, 1, *args, "run.name=single")
+    train(config, 2, *args, "run.name=uneven", timeout=120)
+    single, uneven = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "uneven")
+    assert [r["epoch"] for r in uneven if "loss" in r] == [0, 1, 2, 3, 4]  # 2 micro-batches
+    assert [r["step"] for r in uneven if "eval/loss" in r] == [2, 4, 5]
+    for key in ("loss", "eval/loss"):
+        assert [r[key] for r in uneven if key in r] == pytest.approx(
+            [r[key] for r in single if key in r], abs=1e-5)
+    assert_same_weights(tmp_path / "single", tmp_path / "uneven", atol=1e-5)

@@ -45,6 +45,22 @@ def finish(proc: subprocess.Popen) -> str:
     return output
 
 
+def kill_past_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> int:
+    """SIGKILL the run once it has a checkpoint AND has logged ``step`` (steps past the
+    checkpoint, which the resumed run must then drop and redo); the last step it logged."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (list_checkpoints(run_dir) and max(
+            (r["step"] for r in read_metrics(run_dir)), default=0) >= step):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.fail(f"the run ended before it could be killed:\n{proc.communicate()[0][-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return max(r["step"] for r in read_metrics(run_dir))
+
+
 def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
@@ -53,19 +69,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path):
     finish(start(config, f"run.output_dir={tmp_path}", "run.name=full"))
 
     proc = start(config, f"run.output_dir={tmp_path}", "run.name=interrupted")
-    deadline = time.monotonic() + 120
-    # Kill it once it has a checkpoint AND has logged steps past it, which the resumed run
-    # must then drop and redo.
-    while proc.poll() is None and not (list_checkpoints(interrupted) and max(
-            (r["step"] for r in read_metrics(interrupted)), default=0) >= 8):
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        pytest.fail(f"the run ended before it could be killed:\n{proc.communicate()[0][-2000:]}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(r["step"] for r in read_metrics(interrupted))
+    killed_at = kill_past_checkpoint(proc, interrupted, 8)
     last_checkpoint = int(list_checkpoints(interrupted)[-1].stem.split("_")[1])
     assert last_checkpoint <= killed_at < STEPS  # usually killed_at > last_checkpoint
 

@@ -310,7 +310,8 @@ def test_vlm_init_and_eval_commands(tiny_llama_dir: Path, tmp_path: Path) -> Non
 def test_record_conversations_from_shards_and_llava_json(tiny_vlm: VLM, tmp_path: Path) -> None:
     from PIL import Image
 
-    from imagefm.data.formats import write_llava_json, write_shards
+    from imagefm.data.files import write_llava_json
+    from imagefm.data.formats import write_shards
     from imagefm.data.records import Caption, Record, Turn
     from imagefm.data.synthetic.drawing import encode_png
     from imagefm.train.vlm_data import RecordConversations, read_training_records

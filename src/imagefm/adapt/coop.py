@@ -17,7 +17,8 @@ from ``n_ctx`` small random vectors and keeps its words after the name.
 
 Image features are cached, so a step runs only the text tower, on one prompt per class. The
 number of steps is chosen on validation data: the context with the best validation accuracy
-seen every ``eval_every`` steps is kept (early stopping).
+seen every ``eval_every`` steps is kept (early stopping; the loop is
+:func:`imagefm.train.fit.fit`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from torch import nn
 
 from imagefm.adapt.features import FeatureViews
 from imagefm.adapt.head import Head, accuracy, text_head
+from imagefm.adapt.tune import adamw_settings
 from imagefm.apps.zeroshot import logit_parts, model_device
 from imagefm.eval.templates import PLACEHOLDER, load_templates
+from imagefm.train.fit import fit
+from imagefm.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -148,41 +152,35 @@ def train_coop(model: Any, tokenizer: Any, classnames: Sequence[str], train: Fea
     was_training = model.training
     model.eval()
     initial = learner.ctx.detach().clone().cpu()
-    optimizer = torch.optim.AdamW([learner.ctx], lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+    # No warm-up and no clipping: a cosine from ``lr`` to zero over the steps.
+    optim = adamw_settings(config.lr, 0.0, grad_clip=0.0)
+    optimizer = build_optimizer(learner, optim, {"ctx": 1.0})
     generator = torch.Generator().manual_seed(config.seed)
     device = model_device(model)
     x, y = train.post.to(device), train.labels.to(device)
+    last: dict[str, torch.Tensor] = {}
 
-    def evaluate() -> tuple[float, torch.Tensor]:
-        with torch.no_grad():
-            embeds = learner.class_embeddings(model).cpu()
-        return accuracy(text_head(embeds, scale, bias).logits(val.post), val.labels), embeds
+    def evaluate() -> float:
+        last["ctx"] = learner.ctx.detach().clone()  # the final evaluation sees the final ctx
+        embeds = learner.class_embeddings(model).cpu()
+        return accuracy(text_head(embeds, scale, bias).logits(val.post), val.labels)
 
-    best_score, best_embeds = evaluate()
-    best_step, best_ctx, history = 0, learner.ctx.detach().clone(), [(0, best_score)]
+    def loss(step: int) -> torch.Tensor:
+        rows = torch.randperm(len(train), generator=generator)[:config.batch_size]
+        logits = scale * x[rows] @ learner.class_embeddings(model).t() + bias
+        return F.cross_entropy(logits, y[rows.to(device)])
+
     try:
-        with torch.enable_grad():
-            for step in range(1, config.steps + 1):
-                rows = torch.randperm(len(train), generator=generator)[:config.batch_size]
-                logits = scale * x[rows] @ learner.class_embeddings(model).t() + bias
-                loss = F.cross_entropy(logits, y[rows.to(device)])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if step % config.eval_every == 0 or step == config.steps:
-                    score, embeds = evaluate()
-                    history.append((step, score))
-                    if score > best_score:
-                        best_score, best_embeds, best_step = score, embeds, step
-                        best_ctx = learner.ctx.detach().clone()
+        result = fit(optimizer, optim, config.steps, loss, evaluate=evaluate,
+                     eval_every=config.eval_every, desc="coop")
+        with torch.no_grad():  # the context is back at its best value
+            best_embeds = learner.class_embeddings(model).cpu()
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
         model.train(was_training)
     return text_head(best_embeds, scale, bias), {
-        "template": template, "n_ctx": int(learner.ctx.shape[0]), "best_step": best_step,
-        "val_accuracy": best_score, "history": history,
+        "template": template, "n_ctx": int(learner.ctx.shape[0]), "best_step": result.best_step,
+        "val_accuracy": result.best_score, "history": result.history,
         "trainable_parameters": learner.ctx.numel(), "initial_context": initial,
-        "context": best_ctx.cpu(), "final_context": learner.ctx.detach().cpu()}
+        "context": learner.ctx.detach().cpu(), "final_context": last["ctx"].cpu()}

@@ -47,6 +47,7 @@ from imagefm.adapt.wise_ft import ALPHAS, choose_alpha, wise_ft
 from imagefm.apps.zeroshot import class_embeddings, logit_parts
 from imagefm.config import ConfigError, from_dict
 from imagefm.data.formats import SkipCounter
+from imagefm.train.config import parse_override, set_dotted
 
 METHODS = ("zeroshot", "probe", "zs-probe", "tip", "tip-f", "coop", "lora", "finetune")
 # Methods whose weights change: their result carries the forgetting check.
@@ -72,22 +73,24 @@ class MethodConfigs:
 def parse_overrides(items: list[str] | tuple[str, ...] = ()) -> MethodConfigs:
     """``["coop.steps=100", "lora.rank=8", "probe.l2_grid=[0.001, 0.01]"]`` → configs.
 
-    Values are YAML (numbers, strings, lists); unknown sections or keys are refused with the
-    known ones named.
+    Each item is read by the Trainer's override parser (``train.config.parse_override``: values
+    are YAML numbers, strings, lists); unknown sections or keys are refused with the known ones
+    named.
     """
-    import yaml
-
     sections: dict[str, dict[str, Any]] = {}
     names = [f.name for f in fields(MethodConfigs)]
     for item in items:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
+        try:
+            key, value = parse_override(item)
+        except ConfigError:  # no "=": refused below with this command's own example
+            key, value = "", None
+        if key.count(".") != 1:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. coop.steps=100")
+        section, name = key.split(".")
         if section not in names:
             raise ConfigError(f"--set {item!r}: unknown section {section!r}; sections: "
                               f"{', '.join(names)}")
-        sections.setdefault(section, {})[name] = yaml.safe_load(raw)
+        set_dotted(sections, key, value)
     built = {}
     for f in fields(MethodConfigs):
         default = f.default_factory()  # type: ignore[misc]

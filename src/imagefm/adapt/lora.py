@@ -1,32 +1,27 @@
-"""LoRA on a dual encoder's attention and MLP projections, through ``peft``; merged back into
-plain weights so the adapted model saves as an ordinary imagefm checkpoint.
+"""LoRA for few-shot adaptation of a dual encoder: the settings of ``imagefm adapt lora``, the
+choice of tower, and the training (``adapt/tune.py``); the LoRA layers themselves and their
+merge are :mod:`imagefm.models.lora`'s, shared with the training loop's LoRA stage.
 
     model = add_lora(model, LoraSettings(rank=8, towers="vision"))   # in place; only LoRA trains
     ...train...
     model = merge_lora(model)                                         # nn.Linear again
     model.save_pretrained("adapted")
-
-Our layers use Hugging Face's names (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``fc1``/
-``fc2``), so ``target_modules`` is a list of those names, restricted to a tower with a regular
-expression on the module path (``vision.…`` / ``text.…``). ``peft`` wraps each target in a
-LoRA layer computing ``W x + (alpha / rank) · B A x``; ``B`` starts at zero, so training
-starts from the original model. (``Attention`` runs q/k/v as one fused matmul only for plain
-``nn.Linear`` layers, so the wrapped ones are honoured.)
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from imagefm.adapt.tune import Batchable, tune
+from imagefm.adapt.tune import Batchable, adamw_settings, tune, warmup_steps
 from imagefm.config import ConfigError
+from imagefm.models.lora import TARGETS, lora_parameters, merge_lora, target_names
+from imagefm.models.lora import add_lora as inject_lora
+from imagefm.train.optim import build_optimizer
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 TOWERS = ("vision", "text")
 
 
@@ -53,13 +48,6 @@ class LoraSettings:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
 
 
-def target_names(model: nn.Module, targets: tuple[str, ...], tower: str) -> list[str]:
-    """Full module names under ``tower`` whose last component is in ``targets``."""
-    return [name for name, module in model.named_modules()
-            if name.startswith(tower + ".") and name.rsplit(".", 1)[-1] in targets
-            and isinstance(module, nn.Linear)]
-
-
 def resolve_towers(model: nn.Module, settings: LoraSettings) -> list[str]:
     """The towers LoRA goes into; ``auto`` = vision if it has target layers, else text."""
     if settings.towers == "auto":
@@ -78,45 +66,12 @@ def resolve_towers(model: nn.Module, settings: LoraSettings) -> list[str]:
 
 def add_lora(model: nn.Module, settings: LoraSettings | None = None,
              towers: list[str] | None = None) -> nn.Module:
-    """Wrap the target layers of ``towers`` in LoRA layers; freeze everything else."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise ImportError("LoRA needs peft: pip install 'imagefm[adapt]'") from None
-
+    """Wrap the target layers of ``towers`` (default: ``settings.towers`` resolved) in LoRA
+    layers; freeze everything else."""
     settings = settings or LoraSettings()
     towers = towers or resolve_towers(model, settings)
-    pattern = (rf"^({'|'.join(map(re.escape, towers))})\..*\."
-               rf"({'|'.join(map(re.escape, settings.targets))})$")
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
-                        lora_dropout=settings.dropout, target_modules=pattern, bias="none")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = inject_adapter_in_model(config, model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
-
-
-def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors (``lora_A``/``lora_B``) by name."""
-    return {name: p for name, p in model.named_parameters() if "lora_" in name}
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base layer and put the plain layer back (in place)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, BaseTunerLayer)]
-    for name, module in wrapped:
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return inject_lora(model, towers, rank=settings.rank, alpha=settings.alpha,
+                       dropout=settings.dropout, targets=settings.targets)
 
 
 def train_lora(model: nn.Module, processor: object, prompts: list[list[str]],
@@ -132,11 +87,17 @@ def train_lora(model: nn.Module, processor: object, prompts: list[list[str]],
     with torch.random.fork_rng():  # LoRA's A matrices start random: the same every run
         torch.manual_seed(settings.seed)
         adapted = add_lora(copy.deepcopy(model), settings, towers)
-    trainable = list(lora_parameters(adapted).values())
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    trainable = lora_parameters(adapted)
+    config = adamw_settings(settings.lr, settings.weight_decay,
+                            warmup_steps=warmup_steps(settings.steps))
+    optimizer = build_optimizer(adapted, config, dict.fromkeys(trainable, 1.0))
     info = tune(adapted, processor, prompts, train, val, optimizer, steps=settings.steps,
                 batch_size=settings.batch_size, eval_every=settings.eval_every,
                 seed=settings.seed, text_trains="text" in towers)
-    info.update(towers=towers, trainable_parameters=sum(p.numel() for p in trainable),
+    info.update(towers=towers, trainable_parameters=sum(p.numel() for p in trainable.values()),
                 rank=settings.rank)
     return merge_lora(adapted).eval(), info
+
+
+__all__ = ["TARGETS", "TOWERS", "LoraSettings", "add_lora", "lora_parameters", "merge_lora",
+           "resolve_towers", "target_names", "train_lora"]

@@ -28,9 +28,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from imagefm.adapt.features import FeatureViews
 from imagefm.adapt.head import Head, accuracy
+from imagefm.adapt.tune import adamw_settings
+from imagefm.train.fit import fit
+from imagefm.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class TipConfig:
     # Tip-Adapter-F
     epochs: int = 40
     lr: float = 1e-3
+    weight_decay: float = 0.01  # PyTorch's AdamW default, which the keys have always had
     batch_size: int = 256
     seed: int = 0
 
@@ -91,29 +96,29 @@ def tip_adapter_f(zero_shot: Head, train: FeatureViews, val: FeatureViews,
     head, info = tip_adapter(zero_shot, train, val, config)
     if len(train) == 0:
         return head, {**info, "epochs": 0}
-    keys = head.cache_keys.clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([keys], lr=config.lr, eps=1e-4)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, config.epochs * steps_per_epoch)
+    cache = nn.Module()
+    cache.keys = nn.Parameter(head.cache_keys.clone())
+    # No warm-up and no clipping: a cosine from ``lr`` to zero over every epoch's batches.
+    optim = adamw_settings(config.lr, config.weight_decay, eps=1e-4, grad_clip=0.0)
+    optimizer = build_optimizer(cache, optim, {"keys": 1.0})
     generator = torch.Generator().manual_seed(config.seed)
+    batches = [rows for _ in range(config.epochs)
+               for rows in torch.randperm(len(train), generator=generator).split(config.batch_size)]
     # The cache weight during training: the one found for the training-free cache (>0 so the
     # keys get a gradient at all).
     alpha = max(info["alpha"], 1.0)
     base = train.post @ head.weight.t() + head.bias
-    with torch.enable_grad():
-        for _ in range(config.epochs):
-            for rows in torch.randperm(len(train), generator=generator).split(config.batch_size):
-                # Leave-one-out: an image never votes for itself (it would match its own key
-                # perfectly and the loss would teach nothing without augmented views).
-                votes = torch.exp(-head.beta * (1 - train.post[rows] @ keys.t()))
-                votes = votes.index_put((torch.arange(len(rows)), rows), votes.new_zeros(()))
-                cache = alpha * votes @ head.cache_values
-                loss = F.cross_entropy(base[rows] + cache, train.labels[rows])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-    tuned = replace(head, cache_keys=keys.detach())
+
+    def loss(step: int) -> torch.Tensor:
+        rows = batches[step - 1]
+        # Leave-one-out: an image never votes for itself (it would match its own key
+        # perfectly and the loss would teach nothing without augmented views).
+        votes = torch.exp(-head.beta * (1 - train.post[rows] @ cache.keys.t()))
+        votes = votes.index_put((torch.arange(len(rows)), rows), votes.new_zeros(()))
+        return F.cross_entropy(base[rows] + alpha * votes @ head.cache_values,
+                               train.labels[rows])
+
+    result = fit(optimizer, optim, len(batches), loss, desc="tip-f")
+    tuned = replace(head, cache_keys=cache.keys.detach())
     tuned, found = search_alpha_beta(tuned, val, config)
-    return tuned, {**found, "epochs": config.epochs, "train_loss": float(loss.detach())}
+    return tuned, {**found, "epochs": config.epochs, "train_loss": result.loss}

@@ -1,4 +1,4 @@
-"""The one training loop of the weight-changing methods (LoRA, full fine-tuning).
+"""The training of the weight-changing methods (LoRA, full fine-tuning).
 
 The classifier is the model's own zero-shot classifier: logits = ``scale · cos(image, class) +
 bias`` with class embeddings from the text tower (prompt-ensembled), trained with
@@ -14,11 +14,13 @@ linear layer keeps image and text in one space, which is what makes weight-space
   images would ruin them.
 * Checkpoint selection: the trainable weights with the best validation accuracy, evaluated every
   ``eval_every`` steps (step 0 included), are the ones kept.
+
+The loop itself, its schedule (the Trainer's cosine with warm-up) and the checkpoint selection
+are :func:`imagefm.train.fit.fit`'s, as for CoOp and Tip-Adapter-F.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from torch import nn
 from imagefm.adapt.head import accuracy
 from imagefm.apps.zeroshot import class_embeddings, logit_parts, model_device
 from imagefm.eval.templates import load_templates, render_all
+from imagefm.train.config import OptimConfig
+from imagefm.train.fit import fit
 
 
 @dataclass
@@ -95,23 +99,33 @@ def _val_accuracy(model: Any, data: Batchable, classes: torch.Tensor, scale: flo
     return accuracy(logits.cpu(), data.labels)
 
 
+def adamw_settings(lr: float, weight_decay: float = 0.0, *, warmup_steps: int = 0,
+                   eps: float = 1e-8, grad_clip: float = 1.0) -> OptimConfig:
+    """The adaptation methods' optimizer as the Trainer's ``OptimConfig``: PyTorch's AdamW
+    defaults (betas 0.9/0.999, eps 1e-8), a cosine to zero after ``warmup_steps``."""
+    return OptimConfig(lr=lr, weight_decay=weight_decay, betas=[0.9, 0.999], eps=eps,
+                       warmup_steps=warmup_steps, min_lr_ratio=0.0, grad_clip=grad_clip)
+
+
+def warmup_steps(steps: int) -> int:
+    """The weight-changing methods warm up over the first 5% of their steps (at least one)."""
+    return max(1, steps // 20)
+
+
 def tune(model: Any, processor: Any, prompts: list[list[str]], train: Batchable,
          val: Batchable, optimizer: torch.optim.Optimizer, *, steps: int, batch_size: int,
          eval_every: int, seed: int = 0, text_trains: bool = False) -> dict[str, Any]:
-    """Train ``model``'s parameters in ``optimizer`` (cosine schedule, no warm-up beyond 5%).
+    """Train ``model``'s parameters in ``optimizer`` with :func:`imagefm.train.fit.fit`: the
+    Trainer's cosine schedule with ``warmup_steps(steps)`` of warm-up, gradients clipped to 1.
 
-    Returns ``best_step``, ``val_accuracy`` (of the kept weights), ``history`` and ``seconds``;
-    the model is left with the best weights.
+    Returns ``best_step``, ``val_accuracy`` (of the kept weights), ``history``, ``train_loss``
+    and ``seconds``; the model is left with the best weights.
     """
     started = time.perf_counter()
     scale, bias = logit_parts(model)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     encoder = PromptEncoder(model, processor, prompts) if text_trains else None
     fixed = None if text_trains else class_embeddings(model, processor, prompts).clone().to(
         model_device(model))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     generator = torch.Generator().manual_seed(seed)
 
     def classes() -> torch.Tensor:
@@ -119,36 +133,22 @@ def tune(model: Any, processor: Any, prompts: list[list[str]], train: Batchable,
 
     def evaluate() -> float:
         model.eval()
-        with torch.no_grad():
-            return _val_accuracy(model, val, classes(), scale, bias)
+        return _val_accuracy(model, val, classes(), scale, bias)
 
-    best = evaluate()
-    best_state = [p.detach().clone() for p in params]
-    best_step, history, loss = 0, [(0, best)], torch.tensor(float("nan"))
-    for step in range(1, steps + 1):
+    def loss(step: int) -> torch.Tensor:
         model.train()
         _freeze_batchnorm(model)
         rows = torch.randperm(len(train), generator=generator)[:batch_size]
-        with torch.enable_grad():
-            logits = scale * _image_embeds(model, train, rows) @ classes().t() + bias
-            loss = F.cross_entropy(logits, train.labels[rows].to(logits.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % eval_every == 0 or step == steps:
-            score = evaluate()
-            history.append((step, score))
-            if score > best:
-                best, best_step = score, step
-                best_state = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, saved in zip(params, best_state, strict=True):
-            p.copy_(saved)
+        logits = scale * _image_embeds(model, train, rows) @ classes().t() + bias
+        return F.cross_entropy(logits, train.labels[rows].to(logits.device))
+
+    config = adamw_settings(optimizer.defaults["lr"], warmup_steps=warmup_steps(steps))
+    result = fit(optimizer, config, steps, loss, evaluate=evaluate, eval_every=eval_every,
+                 desc="tune")
     model.eval()
-    return {"best_step": best_step, "val_accuracy": best, "history": history,
-            "train_loss": float(loss.detach()), "seconds": time.perf_counter() - started}
+    return {"best_step": result.best_step, "val_accuracy": result.best_score,
+            "history": result.history, "train_loss": result.loss,
+            "seconds": time.perf_counter() - started}
 
 
 def preprocess(processor: Any, images: Sequence[Any], batch_size: int = 256) -> torch.Tensor:

@@ -18,8 +18,11 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume",
                                     help="Continue from the newest checkpoint in the run folder."),
     ) -> None:
-        """Train a model. Works under torchrun too (e.g. torchrun --nproc-per-node 2 -m
-        imagefm.train CONFIG)."""
+        """Train a model; under torchrun too (torchrun --nproc-per-node 2 -m imagefm train
+        CONFIG; several machines: docs/training.md). With eval.every > 0 the run is evaluated
+        as it trains (held-out loss on eval.data, zero-shot / retrieval where they suit)."""
+        from imagefm.eval.training import training_evaluators
         from imagefm.train.launch import train_from_args
 
-        raise typer.Exit(train_from_args(config, overrides or [], resume=resume))
+        raise typer.Exit(train_from_args(config, overrides or [], resume=resume,
+                                         evaluators=training_evaluators))

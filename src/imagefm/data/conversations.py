@@ -92,26 +92,32 @@ def read_conversations(path: str | Path, images: str | Path | None = None) -> li
     except UnicodeDecodeError as err:
         raise ConversationFileError(f"{path}: not UTF-8 text ({err.reason} at byte "
                                     f"{err.start})") from None
-    conversations = []
-    for line, entry in _entries(text, path):
-        where = f"{path}:{line}"
-        if not isinstance(entry, dict):
-            raise ConversationFileError(f"{where}: expected a JSON object with 'conversations' "
-                                        f"(LLaVA) or 'messages' (OpenAI), got "
-                                        f"{type(entry).__name__}")
-        if "conversations" in entry:
-            conversation = _llava(entry, root, where)
-        elif "messages" in entry:
-            conversation = _openai(entry, root, where)
-        else:
-            raise ConversationFileError(f"{where}: no 'conversations' (LLaVA) or 'messages' "
-                                        f"(OpenAI) key; keys are {sorted(entry)}")
-        if not any(m["role"] == "assistant" and _has_text(m) for m in conversation.messages):
-            raise ConversationFileError(f"{where}: no assistant reply to learn from")
-        conversations.append(conversation)
+    conversations = [parse_conversation(entry, root, f"{path}:{line}")
+                     for line, entry in _entries(text, path)]
     if not conversations:
         raise ConversationFileError(f"{path}: holds no conversations")
     return conversations
+
+
+def parse_conversation(entry: Any, root: str | Path, where: str) -> Conversation:
+    """The :class:`Conversation` of one decoded LLaVA or OpenAI entry (image paths relative to
+    ``root``; ``where`` names it in errors). Raises :class:`ConversationFileError` when it breaks
+    the format. Streams read files one entry at a time with it (train/conversation_stream.py)."""
+    root = Path(root)
+    if not isinstance(entry, dict):
+        raise ConversationFileError(f"{where}: expected a JSON object with 'conversations' "
+                                    f"(LLaVA) or 'messages' (OpenAI), got "
+                                    f"{type(entry).__name__}")
+    if "conversations" in entry:
+        conversation = _llava(entry, root, where)
+    elif "messages" in entry:
+        conversation = _openai(entry, root, where)
+    else:
+        raise ConversationFileError(f"{where}: no 'conversations' (LLaVA) or 'messages' "
+                                    f"(OpenAI) key; keys are {sorted(entry)}")
+    if not any(m["role"] == "assistant" and _has_text(m) for m in conversation.messages):
+        raise ConversationFileError(f"{where}: no assistant reply to learn from")
+    return conversation
 
 
 def _entries(text: str, path: Path) -> Iterator[tuple[int, Any]]:

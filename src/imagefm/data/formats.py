@@ -1,11 +1,13 @@
-"""Readers and writers for the on-disk forms a dataset takes.
+"""Records in WebDataset shards (writing and reading), and what every reader shares.
 
 * WebDataset tar shards: ``<key>.<image_ext>`` + ``<key>.json`` (``Record.to_json()``) + optional
   ``<key>.mask.png``. Shards written by others in the plain WebDataset style (e.g. CIFAR-10 as
-  ``NNNNNN.jpg`` + ``NNNNNN.cls``, captions as ``<key>.txt``) are read too.
-* CSV / JSONL caption files: ``image,caption[,lang]``, image paths relative to the file.
-* Image folders: one sub-folder per class.
-* LLaVA-style conversation JSON: ``[{"id", "image", "conversations": [{"from", "value"}]}]``.
+  ``NNNNNN.jpg`` + ``NNNNNN.cls``, captions as ``<key>.txt`` or ``<key>.<lang>.txt``) and by
+  img2dataset (``jpg`` + ``txt`` + its metadata ``json``) are read too (``sample_to_record``).
+  Shards are read by ``imagefm.data.shards`` (webdataset: braces, ``::``, ``pipe:``, http).
+* CSV / JSONL caption files, image folders and LLaVA-style conversation JSON: see
+  ``imagefm.data.files``; streamed inputs of any size (shards, CSV/TSV, Hugging Face datasets):
+  ``imagefm.data.stream``.
 
 Readers never decode images (that is the loader's job, with ``open_image``); they hand out
 ``Record``s holding the encoded bytes. Problems with one item raise ``RecordError`` (with a
@@ -14,7 +16,6 @@ short ``reason`` used for counting) or are counted in a ``SkipCounter`` and skip
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -26,7 +27,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imagefm.data.records import Caption, Record, Turn
+from imagefm.data.records import Caption, Record
+from imagefm.data.shards import (  # noqa: F401  (re-exported: the one reader)
+    ShardReadError,
+    expand_shard_spec,
+    iter_tar_samples,
+    local_path,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
@@ -40,10 +47,6 @@ class RecordError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class ShardReadError(OSError):
-    """A shard file is unreadable (truncated or not a tar); the samples before the damage stand."""
 
 
 class SkipCounter:
@@ -251,62 +254,14 @@ def write_shards(records: Iterable[Record], out_dir: str | Path, prefix: str = "
 
 
 def list_shards(source: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Shard paths from a directory (all ``*.tar`` below it), one file, a glob, or a list."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():
-            return sorted(p for p in path.rglob("*.tar") if p.is_file())
-        if path.is_file():
-            return [path]
-        matches = sorted(Path(p) for p in _glob(str(source)))
-        if not matches:
-            raise FileNotFoundError(f"no shards found at {source}")
-        return matches
-    return [p for item in source for p in list_shards(item)]
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/abc.mask.png`` → (``dir/abc``, ``mask.png``): keys end at the basename's first dot."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
-
-
-def iter_tar_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as dicts ``{"__key__", "__url__", ext: bytes...}``.
-
-    Members of one sample are consecutive in a WebDataset tar. A truncated or broken tar raises
-    ``ShardReadError`` after the complete samples before the damage.
-    """
-    path = Path(path)
-    current: dict[str, Any] | None = None
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                if not ext or key.startswith(".") or "/." in key:
-                    continue  # hidden files and extension-less members are not samples
-                if current is not None and current["__key__"] != key:
-                    yield current  # a new key: the previous sample is complete
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": str(path)}
-                handle = tar.extractfile(info)
-                current[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as err:
-        # The sample being read when the damage hit may lack members: it is dropped.
-        raise ShardReadError(f"{path}: unreadable shard ({err})") from err
-    if current is not None:
-        yield current
+    """Local shard paths from a directory (all ``*.tar`` below it), a file, a glob, a brace
+    pattern, a ``::``-joined spec or a list (``imagefm.data.shards.expand_shard_spec``)."""
+    urls = expand_shard_spec(source)
+    remote = [u for u in urls if local_path(u) is None]
+    if remote:
+        raise ValueError(f"list_shards lists local shards only; got {remote[0]} (read remote "
+                         "shards with read_shards or imagefm.data.stream)")
+    return [Path(u) for u in urls]
 
 
 def _image_member(sample: dict[str, Any]) -> tuple[str | None, bytes | None]:
@@ -316,40 +271,105 @@ def _image_member(sample: dict[str, Any]) -> tuple[str | None, bytes | None]:
     return None, None
 
 
-def _utf8(data: bytes, where: str) -> str:
+def utf8_text(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RecordError("invalid utf-8", f"{where}: invalid UTF-8 ({err})") from err
 
 
-def sample_to_record(sample: dict[str, Any], classes: list[str] | None = None) -> Record:
-    """A Record from one tar sample: our ``.json`` layout, or plain ``.cls``/``.txt`` members."""
+# What Record.to_json() writes: a <key>.json with only these keys is one of our records; any
+# other JSON object is metadata (img2dataset writes url, key, status, caption, width, height,
+# original_width, original_height, exif, sha256, error_message).
+RECORD_JSON_KEYS = frozenset(
+    {"image_ext", "captions", "label", "label_name", "conversation", "boxes", "split", "source",
+     "license", "meta", "has_mask"})
+_LANG_TEXT = re.compile(r"^([a-z]{2,3}(?:[-_][a-z0-9]+)?)\.txt$")  # ko.txt, en.txt, zh-hans.txt
+
+
+def parse_captions(value: Any, default_lang: str = "en", where: str = "") -> list[Caption]:
+    """Captions from a text field: a string, or a list of strings and/or ``{"text", "lang"}``
+    objects (several captions or languages per image). Raises ``RecordError("bad caption")``."""
+    items = value if isinstance(value, list) else [value]
+    captions = []
+    for item in items:
+        if isinstance(item, str):
+            captions.append(Caption(item, default_lang))
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            lang = item.get("lang") or default_lang
+            captions.append(Caption(item["text"], str(lang)))
+        elif item is not None:
+            raise RecordError("bad caption", f"{where}: a caption must be a string or "
+                              f"{{\"text\", \"lang\"}}, got {item!r:.80}")
+    return captions
+
+
+def text_captions(text: str, lang: str = "en", where: str = "") -> list[Caption]:
+    """Captions of one text field: a JSON list is several (``parse_captions``), any other text
+    is one caption in ``lang``."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, list):
+            return parse_captions(value, lang, where)
+    return [Caption(text, lang)]
+
+
+def sample_to_record(sample: dict[str, Any], classes: list[str] | None = None,
+                     default_lang: str = "en") -> Record:
+    """A Record from one tar sample, whatever the layout:
+
+    * ours: ``<key>.json`` = ``Record.to_json()`` (everything but the image);
+    * img2dataset: ``jpg``/``png``/``webp`` + ``txt`` + ``json`` holding its download metadata
+      (kept in ``record.meta``; the caption comes from ``txt``, else the metadata's ``caption``);
+    * plain WebDataset: ``cls`` (a class index, named by ``classes``), ``txt``/``caption``.
+
+    Captions: ``txt`` is in ``default_lang``; ``<lang>.txt`` members (``ko.txt``) in theirs; a
+    ``txt`` or a ``json`` holding a JSON list gives several (strings or ``{"text", "lang"}``).
+    """
     key = sample["__key__"].replace("/", "_")
     where = f"{sample.get('__url__', '?')}:{sample['__key__']}"
     ext, image = _image_member(sample)
+    data: Any = None
     if "json" in sample:
-        text = _utf8(sample["json"], where + ".json")
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
+            data = json.loads(utf8_text(sample["json"], where + ".json"))
+        except ValueError as err:
+            if isinstance(err, RecordError):
+                raise
+            raise RecordError("bad json", f"{where}.json: not JSON ({err})") from err
+        if not isinstance(data, (dict, list)):
+            raise RecordError("bad json", f"{where}.json: not a record, metadata or a list of "
+                              f"captions: {data!r:.80}")
+    if isinstance(data, dict) and set(data) <= RECORD_JSON_KEYS:
+        try:
             return Record.from_json(key, data, image=image, image_ext=ext or data.get("image_ext"),
                                     mask=sample.get(MASK_EXT))
         except (ValueError, TypeError) as err:
             raise RecordError("bad json", f"{where}.json: not a record ({err})") from err
     record = Record(key=key, image=image, image_ext=ext or "png", mask=sample.get(MASK_EXT))
+    if isinstance(data, dict):
+        record.meta = data
+    elif isinstance(data, list):
+        record.captions += parse_captions(data, default_lang, where + ".json")
     if "cls" in sample:
-        text = _utf8(sample["cls"], where + ".cls").strip()
+        text = utf8_text(sample["cls"], where + ".cls").strip()
         try:
             record.label = int(text)
         except ValueError as err:
             raise RecordError("bad label", f"{where}.cls: not a class index: {text!r}") from err
         if classes is not None and 0 <= record.label < len(classes):
             record.label_name = classes[record.label]
-    for name in ("txt", "caption"):
+    for name in ("txt", "caption", *sorted(n for n in sample if _LANG_TEXT.match(n))):
         if name in sample:
-            record.captions.append(Caption(_utf8(sample[name], f"{where}.{name}")))
+            match = _LANG_TEXT.match(name)
+            lang = match.group(1).replace("_", "-") if match else default_lang
+            text = utf8_text(sample[name], f"{where}.{name}")
+            record.captions += text_captions(text, lang, f"{where}.{name}")
+    if not record.captions and isinstance(data, dict) and isinstance(data.get("caption"), str):
+        record.captions.append(Caption(data["caption"], default_lang))
     return record
 
 
@@ -364,216 +384,33 @@ def read_classes(shard: Path) -> list[str] | None:
 
 def read_shards(source: str | Path | Iterable[str | Path],
                 skips: SkipCounter | None = None) -> Iterator[Record]:
-    """All records of the shards in ``source`` in order (images stay encoded).
+    """All records of the shards in ``source`` in order (images stay encoded). ``source`` is
+    anything ``imagefm.data.shards.expand_shard_spec`` takes (paths, globs, braces, ``pipe:``...).
 
     With ``skips`` bad samples and broken shards are counted and skipped; without it they raise.
     """
-    for shard in list_shards(source):
-        classes = read_classes(shard)
-        try:
-            for sample in iter_tar_samples(shard):
-                try:
-                    yield sample_to_record(sample, classes)
-                except RecordError as err:
-                    if skips is None:
-                        raise
-                    skips.add(err.reason, str(err))
-        except ShardReadError as err:
-            if skips is None:
-                raise
-            skips.add("unreadable shard", str(err))
+    for url in expand_shard_spec(source):
+        yield from read_shard(url, skips)
 
 
-# ---------------------------------------------------------------- local files
-
-
-def _read_bytes(path: Path, skips: SkipCounter | None) -> bytes | None:
+def read_shard(url: str, skips: SkipCounter | None = None, *, part: int = 0, parts: int = 1,
+               default_lang: str = "en") -> Iterator[Record]:
+    """The records of one shard; with ``parts > 1`` only every ``parts``-th sample from
+    ``part`` (several readers sharing one shard). A broken shard is counted once, by part 0."""
+    path = local_path(url)
+    classes = read_classes(path) if path is not None else None
     try:
-        return path.read_bytes()
-    except OSError as err:
+        for index, sample in enumerate(iter_tar_samples(url)):
+            if index % parts != part:
+                continue
+            try:
+                yield sample_to_record(sample, classes, default_lang)
+            except RecordError as err:
+                if skips is None:
+                    raise
+                skips.add(err.reason, str(err))
+    except ShardReadError as err:
         if skips is None:
             raise
-        skips.add("missing image", f"{path}: {err.strerror or err}")
-        return None
-
-
-def _relative_key(path: Path, root: Path) -> str:
-    return safe_key(path.relative_to(root).with_suffix("").as_posix().replace("/", "-"),
-                    unique=True)
-
-
-def read_image_folder(root: str | Path, skips: SkipCounter | None = None,
-                      split: str = "train") -> Iterator[Record]:
-    """Images under ``root``, one sub-folder per class (labels in sorted folder order).
-
-    Images directly in ``root`` (no class folders) come without a label.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    groups: list[tuple[int | None, str | None, Path]] = [(None, None, root)]
-    groups += [(i, name, root / name) for i, name in enumerate(classes)]
-    for label, name, folder in groups:
-        files = folder.glob("*") if label is None else folder.rglob("*")
-        for path in sorted(files):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            data = _read_bytes(path, skips)
-            if data is None:
-                continue
-            yield Record(key=_relative_key(path, root), image=data,
-                         image_ext=path.suffix.lower().lstrip("."), label=label, label_name=name,
-                         split=split, meta={"path": str(path.relative_to(root))})
-
-
-def _caption_rows(path: Path) -> Iterator[dict[str, str]]:
-    raw = path.read_bytes()
-    text = _utf8(raw, str(path)).lstrip("\ufeff")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as err:
-                    raise RecordError("bad json", f"{path}:{number}: {err}") from err
-                yield {k: ("" if v is None else str(v)) for k, v in row.items()}
-    else:
-        for row in csv.DictReader(io.StringIO(text)):
-            yield {k.strip(): (v or "") for k, v in row.items() if k is not None}
-
-
-def read_caption_file(path: str | Path, skips: SkipCounter | None = None,
-                      default_lang: str = "en", split: str = "train") -> Iterator[Record]:
-    """Records from a CSV or JSONL file of ``image,caption[,lang]`` rows.
-
-    Image paths are relative to the file. Several rows for one image become one record with
-    several captions (first-seen order). Rows with an empty caption add nothing; images left
-    without captions still come out (the loader decides whether that matters).
-    """
-    path = Path(path)
-    base = path.parent
-    order: list[str] = []
-    captions: dict[str, list[Caption]] = {}
-    for number, row in enumerate(_caption_rows(path), 1):
-        image = row.get("image", "").strip()
-        if not image:
-            if skips is None:
-                raise RecordError("no image", f"{path}:{number}: row has no 'image' column value")
-            skips.add("no image", f"{path}:{number}: row has no image")
-            continue
-        if image not in captions:
-            order.append(image)
-            captions[image] = []
-        text = row.get("caption", "")
-        if text.strip():
-            captions[image].append(Caption(text.strip(), row.get("lang", "").strip()
-                                           or default_lang))
-    for image in order:
-        image_path = base / image
-        data = _read_bytes(image_path, skips)
-        if data is None:
-            continue
-        key = safe_key(Path(image).with_suffix("").as_posix().replace("/", "-"), unique=True)
-        yield Record(key=key, image=data,
-                     image_ext=image_path.suffix.lower().lstrip(".") or "png",
-                     captions=captions[image], split=split, meta={"path": image})
-
-
-def _export_image(record: Record, image_dir: Path) -> str:
-    image_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{record.key}.{record.image_ext}"
-    (image_dir / name).write_bytes(record.image or b"")
-    return name
-
-
-def write_caption_file(records: Iterable[Record], path: str | Path,
-                       image_dir: str | Path | None = None) -> Path:
-    """Write records as a CSV (or ``.jsonl``) caption file plus their images.
-
-    Images go to ``image_dir`` (default ``images/`` beside the file); one row per caption.
-    """
-    path = Path(path)
-    image_dir = Path(image_dir) if image_dir is not None else path.parent / "images"
-    rows = []
-    for record in records:
-        name = _export_image(record, image_dir)
-        relative = os.path.relpath(image_dir / name, path.parent)
-        for caption in record.captions:
-            rows.append({"image": relative, "caption": caption.text, "lang": caption.lang})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            writer = csv.DictWriter(handle, fieldnames=["image", "caption", "lang"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return path
-
-
-# ---------------------------------------------------------------- LLaVA conversations
-
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-LLAVA_NAMES = {v: k for k, v in LLAVA_ROLES.items()}
-
-
-def read_llava_json(path: str | Path, image_root: str | Path | None = None,
-                    skips: SkipCounter | None = None, split: str = "train") -> Iterator[Record]:
-    """Records from a LLaVA conversation file (human → user, gpt → assistant).
-
-    ``image`` paths are relative to ``image_root`` (default: the file's folder); entries without
-    an image give text-only records.
-    """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    entries = json.loads(_utf8(path.read_bytes(), str(path)))
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations")
-    for index, entry in enumerate(entries):
-        where = f"{path}[{index}]"
-        try:
-            turns = [Turn(LLAVA_ROLES[m["from"]], m["value"]) for m in entry["conversations"]]
-        except (KeyError, TypeError, ValueError) as err:
-            if skips is None:
-                raise RecordError("bad conversation", f"{where}: {err!r}") from err
-            skips.add("bad conversation", f"{where}: {err!r}")
-            continue
-        record = Record(key=safe_key(str(entry.get("id", index)), unique=True), conversation=turns,
-                        split=split)
-        image = entry.get("image")
-        if isinstance(image, list):  # some sets list images; a Record holds one
-            if len(image) != 1:
-                if skips is None:
-                    raise RecordError("several images", f"{where}: {len(image)} images")
-                skips.add("several images", f"{where}: {len(image)} images")
-                continue
-            image = image[0]
-        if image:
-            data = _read_bytes(root / image, skips)
-            if data is None:
-                continue
-            record.image = data
-            record.image_ext = Path(image).suffix.lower().lstrip(".") or "png"
-            record.meta["path"] = image
-        yield record
-
-
-def write_llava_json(records: Iterable[Record], path: str | Path,
-                     image_dir: str | Path | None = None) -> Path:
-    """Write conversation records as LLaVA JSON; images go to ``image_dir`` (default images/)."""
-    path = Path(path)
-    image_dir = Path(image_dir) if image_dir is not None else path.parent / "images"
-    entries = []
-    for record in records:
-        entry: dict[str, Any] = {"id": record.key}
-        if record.image is not None:
-            entry["image"] = os.path.relpath(image_dir / _export_image(record, image_dir),
-                                             path.parent)
-        entry["conversations"] = [{"from": LLAVA_NAMES[t.role], "value": t.content}
-                                  for t in record.conversation]
-        entries.append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entries, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
+        if part == 0:
+            skips.add("unreadable shard", str(err))

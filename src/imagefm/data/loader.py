@@ -9,6 +9,10 @@ at the end of a pass, e.g. ``skipped 3 of 1000: 2 corrupt image, 1 empty caption
 
 ``Collate`` builds the batch: pixel values from an ``ImageProcessor`` (the model card), one caption
 per image (by language if asked, deterministic by seed), tokenised.
+
+``check_record`` (clean, check and decode one record) and ``buffer_shuffle`` are shared with
+``imagefm.data.stream``, the training stream: batches identical over any number of ranks and
+workers, and an exact, fast resume (``skip_batches``), which ``ShardDataset`` does not give.
 """
 
 from __future__ import annotations
@@ -24,19 +28,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imagefm.data.formats import (
-    RecordError,
-    ShardReadError,
-    SkipCounter,
-    iter_tar_samples,
-    list_shards,
-    read_classes,
-    sample_to_record,
-)
+from imagefm.data.formats import RecordError, SkipCounter, expand_shard_spec, read_shard
 from imagefm.data.records import Caption, Record
 
-__all__ = ["Collate", "ReportingLoader", "ShardDataset", "SkipCounter", "clean_record",
-           "image_skip_reason", "make_loader"]
+__all__ = ["Collate", "ReportingLoader", "ShardDataset", "SkipCounter", "buffer_shuffle",
+           "check_record", "clean_record", "image_skip_reason", "make_loader"]
 
 TASKS = ("caption", "label", "conversation", "any")
 SKIPS_KEY = "skip_counts"  # where a sample or batch carries its worker's skip counts
@@ -88,6 +84,40 @@ def clean_record(record: Record, task: str = "caption",
     return record
 
 
+def check_record(record: Record, task: str = "caption", languages: Iterable[str] | None = None,
+                 *, decode: bool = True, max_pixels: int | None = None) -> Any:
+    """Clean and check one record for ``task`` (``clean_record``) and decode its image: the
+    PIL RGB image (None without ``decode`` or when the task needs no image). Anything unusable
+    raises ``RecordError`` whose ``reason`` is the skip category (``corrupt image``...)."""
+    from imagefm.data.image import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+
+    clean_record(record, task, languages)
+    if record.image is None and task in ("caption", "label"):
+        raise RecordError("no image", f"{record.key}: sample has no image")
+    if not decode or record.image is None:
+        return None
+    try:
+        return open_image(record.image, name=f"{record.key}.{record.image_ext}",
+                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    except ImageDecodeError as err:
+        raise RecordError(image_skip_reason(err.reason), str(err)) from err
+
+
+def buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """``items`` shuffled through a buffer of ``size``: each new item takes the place of a
+    random one, which goes out; the rest leaves shuffled at the end. Memory: ``size`` items."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -110,17 +140,9 @@ class ShardDataset(IterableDataset):
                  max_pixels: int | None = None, rank: int | None = None,
                  world_size: int | None = None) -> None:
         super().__init__()
-        self.shards = list_shards(shards)
-        if split is not None:
-            # Recipes name shards by split (train-000000.tar, test-000000.tar): reading a whole
-            # dataset folder for training must not pull in the held-out test shards.
-            found = self.shards
-            self.shards = [p for p in found if p.name.startswith(f"{split}-")]
-            if found and not self.shards:
-                raise FileNotFoundError(f"no '{split}-*.tar' shards in {shards} (found "
-                                        f"{', '.join(sorted({p.name for p in found})[:5])})")
-        if not self.shards:
-            raise FileNotFoundError(f"no shards in {shards}")
+        # Recipes name shards by split (train-000000.tar, test-000000.tar): reading a whole
+        # dataset folder for training must not pull in the held-out test shards.
+        self.shards = expand_shard_spec(shards, split)
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.task = task
@@ -147,13 +169,13 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * workers + worker, world * workers
 
-    def _shard_order(self) -> list[Path]:
+    def _shard_order(self) -> list[str]:
         shards = list(self.shards)
         if self.shuffle:
             random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(shards)
         return shards
 
-    def _assigned(self) -> Iterator[tuple[Path, int | None]]:
+    def _assigned(self) -> Iterator[tuple[str, int | None]]:
         """(shard, sample stride) pairs: whole shards when there are enough, else every n-th."""
         index, count = self._consumer()
         shards = self._shard_order()
@@ -168,58 +190,27 @@ class ShardDataset(IterableDataset):
 
     def _raw_records(self, skips: SkipCounter) -> Iterator[Record]:
         _, count = self._consumer()
-        position = 0  # sample position across all shards, for sample-level splitting
         for shard, keep in self._assigned():
-            classes = read_classes(shard)
-            try:
-                for sample in iter_tar_samples(shard):
-                    position += 1
-                    if keep is not None and (position - 1) % count != keep:
-                        continue
-                    try:
-                        yield sample_to_record(sample, classes)
-                    except RecordError as err:
-                        skips.add(err.reason, str(err))
-            except ShardReadError as err:
-                skips.add("unreadable shard", str(err))
+            if keep is None:
+                yield from read_shard(shard, skips)
+            else:  # every count-th sample of the shard
+                yield from read_shard(shard, skips, part=keep, parts=count)
 
     def _shuffled(self, records: Iterator[Any]) -> Iterator[Any]:
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from records
             return
         index, _ = self._consumer()
-        rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{index}")
-        buffer: list[Any] = []
-        for item in records:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            slot = rng.randrange(len(buffer))
-            yield buffer[slot]
-            buffer[slot] = item
-        rng.shuffle(buffer)
-        yield from buffer
+        yield from buffer_shuffle(records, self.shuffle_buffer,
+                                  random.Random(f"buffer:{self.seed}:{self.epoch}:{index}"))
 
     def _prepare(self, record: Record, skips: SkipCounter) -> dict[str, Any] | None:
-        from imagefm.data.image import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
-
         try:
-            clean_record(record, self.task, self.languages)
+            image = check_record(record, self.task, self.languages, decode=self.decode,
+                                 max_pixels=self.max_pixels)
         except RecordError as err:
             skips.add(err.reason, str(err))
             return None
-        image = None
-        if record.image is None and self.task in ("caption", "label"):
-            skips.add("no image", f"{record.key}: sample has no image")
-            return None
-        if self.decode and record.image is not None:
-            name = f"{record.key}.{record.image_ext}"
-            try:
-                image = open_image(record.image, name=name,
-                                   max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS)
-            except ImageDecodeError as err:
-                skips.add(image_skip_reason(err.reason), str(err))
-                return None
         skips.ok()
         return {"key": record.key, "image": image, "record": record, "epoch": self.epoch}
 
@@ -251,9 +242,10 @@ def _pick_caption(record: Record, lang: str | Iterable[str] | None, seed: int,
 
 
 class Collate:
-    """Items from ``ShardDataset`` → a batch dict.
+    """Items from ``ShardDataset`` or ``imagefm.data.stream`` → a batch dict.
 
-    Keys: ``pixel_values`` (when an image processor is given), ``input_ids`` and
+    Keys: ``pixel_values`` (when an image processor is given, or stacked when the items' images
+    are already tensors, as a stream's per-sample transform makes them), ``input_ids`` and
     ``attention_mask`` (when a tokenizer is given), ``labels`` (class index, -1 when unknown),
     ``captions``/``langs``/``keys`` (the chosen text, for logging), ``skip_counts``.
     One caption per image: among those in ``lang`` when it has some, chosen by ``(seed, epoch,
@@ -285,6 +277,9 @@ class Collate:
                 raise ValueError(f"Collate got samples without a decoded image ({missing[:3]}); "
                                  "use ShardDataset(decode=True) and a task that needs images")
             batch["pixel_values"] = self.image_processor([item["image"] for item in items])
+        elif all(torch.is_tensor(item.get("image")) for item in items):
+            # Images already turned into tensors per sample (a stream's transform): stack them.
+            batch["pixel_values"] = torch.stack([item["image"] for item in items])
         chosen = [_pick_caption(r, self.lang, self.seed, item.get("epoch", 0))
                   for r, item in zip(records, items, strict=True)]
         batch["captions"] = [c.text if c is not None else "" for c in chosen]
@@ -314,7 +309,7 @@ class ReportingLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             self.skips.merge(batch.pop(SKIPS_KEY, {}))
-            if "keys" in batch:  # a batch of only end-of-stream markers holds no samples
+            if batch:  # a batch of only end-of-stream markers holds nothing but skip counts
                 yield batch
         if self.log is not None and (self.skips.total_skipped or self.verbose):
             self.log(self.skips.report())

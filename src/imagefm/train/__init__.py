@@ -14,7 +14,8 @@ from imagefm.train.config import TrainConfig, load_config
 from imagefm.train.data import ToyPairs, register_data_source
 from imagefm.train.gradcache import gradcache_backward
 from imagefm.train.tasks import ContrastiveTask, Embeddings, Task
-from imagefm.train.trainer import Trainer, TrainingError
+from imagefm.train.trainer import StopTraining, Trainer, TrainingError
 
-__all__ = ["ContrastiveTask", "Embeddings", "Task", "ToyPairs", "TrainConfig", "Trainer",
-           "TrainingError", "gradcache_backward", "load_config", "register_data_source"]
+__all__ = ["ContrastiveTask", "Embeddings", "StopTraining", "Task", "ToyPairs", "TrainConfig",
+           "Trainer", "TrainingError", "gradcache_backward", "load_config",
+           "register_data_source"]

@@ -2,8 +2,9 @@
 
     cfg = load_config("runs.yaml", ["train.steps=300", "model.preset=tiny", "run.local=true"])
 
-Sections: ``run`` (where, seed, checkpoints), ``model``, ``task``, ``data``, ``optim``,
-``train`` (the loop) and ``stage`` (which parameters train at which learning rate).
+Sections: ``run`` (where, seed, checkpoints, logging), ``model``, ``task``, ``data``, ``optim``,
+``train`` (the loop), ``stage`` (which parameters train at which learning rate) and ``eval``
+(evaluation during training: held-out loss, evaluators, best model, early stopping).
 Every key, type and value is checked before anything starts: a typo, a string where a number
 belongs or an impossible value raises ``ConfigError`` naming the key and what to write instead.
 
@@ -35,6 +36,8 @@ STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "clip", "siglip")
 TASKS = ("contrastive", "vlm")
+WANDB_MODES = ("off", "offline", "online")
+EVAL_MODES = ("auto", "min", "max")
 
 
 @dataclass
@@ -52,6 +55,8 @@ class RunConfig:
     log_every: int = 1  # steps between metric lines
     progress: bool = True  # tqdm progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard events when `tensorboard` is installed
+    wandb: str = "off"  # off | offline | online: also log to Weights & Biases
+    wandb_project: str = "imagefm"
 
 
 @dataclass
@@ -86,7 +91,8 @@ class DataConfig:
 
     source: str = "toy"  # toy (built-in random pairs) | a registered name | "module:function"
     path: str | None = None
-    batch_size: int = 32  # the GLOBAL batch: split evenly over ranks
+    batch_size: int = 32  # the GLOBAL batch of one optimizer step: split over ranks and
+    # train.accumulate micro-batches (train/data.py micro_batch_size)
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # passed on to the data source
 
@@ -111,7 +117,10 @@ class OptimConfig:
 class LoopConfig:
     """The training loop itself."""
 
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps
+    # Micro-batches per optimizer step (gradient accumulation): each rank sees data.batch_size
+    # / (world size * accumulate) rows at a time; the step equals one on the whole batch.
+    accumulate: int = 1
     precision: str = "auto"  # auto (bf16 autocast where supported) | bf16 | fp32
     gradcache_chunk: int = 0  # > 0: GradCache with chunks of this many rows per rank
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights
@@ -150,6 +159,27 @@ class StageConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (train/evaluation.py): every ``every`` steps and at the end.
+
+    ``data`` is held-out data for ``eval/loss`` (read by ``source``, default data.source); the
+    evaluators ``imagefm train`` adds (zero-shot, retrieval...) report other ``eval/*`` metrics.
+    ``metric`` picks the one the best model (``<run>/best/``) and early stopping follow.
+    """
+
+    every: int = 0  # steps between evaluations; 0 = off
+    data: str | None = None  # held-out data (a path / URL spec the data source understands)
+    source: str | None = None  # the data source of the held-out batches; None = data.source
+    batch_size: int | None = None  # None = data.batch_size
+    limit: int = 1000  # held-out samples per evaluation (whole batches, at least one)
+    langs: list[str] = field(default_factory=list)  # caption languages to evaluate; [] = all
+    metric: str = "eval/loss"  # what "best" and early stopping follow
+    mode: str = "auto"  # min | max | auto (min for names ending in "loss", else max)
+    patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    keep_best: bool = True  # export the best model to <run>/best/
+
+
+@dataclass
 class TrainConfig:
     """A whole training run. Build it with ``load_config`` or ``TrainConfig.from_dict``."""
 
@@ -160,6 +190,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -281,8 +312,8 @@ def shrink_for_local(data: dict[str, Any]) -> dict[str, Any]:
     from imagefm.config import PRESETS
 
     data = copy.deepcopy(data)
-    model, train, run, optim, dataset = (data[k] for k in ("model", "train", "run", "optim",
-                                                           "data"))
+    model, train, run, optim, dataset, evaluation = (data[k] for k in (
+        "model", "train", "run", "optim", "data", "eval"))
     if model.get("init") is None:
         base = PRESETS.get(str(model.get("preset")))
         kinds = (base.vision.model_type, base.text.model_type) if base else ("vit", "transformer")
@@ -299,6 +330,14 @@ def shrink_for_local(data: dict[str, Any]) -> dict[str, Any]:
     train["gradcache_chunk"] = min(train["gradcache_chunk"], 4)
     optim["warmup_steps"] = min(optim["warmup_steps"], 2)
     dataset["batch_size"] = min(dataset["batch_size"], 8)
+    # The largest accumulation up to the old one that still divides the shrunk batch.
+    train["accumulate"] = max(k for k in range(1, min(train["accumulate"], 8) + 1)
+                              if dataset["batch_size"] % k == 0)
+    if evaluation["every"]:
+        evaluation["every"] = min(evaluation["every"], 10)
+    evaluation["limit"] = min(evaluation["limit"], 32)
+    if evaluation["batch_size"] is not None:
+        evaluation["batch_size"] = min(evaluation["batch_size"], 8)
     dataset["num_workers"] = 0
     run["checkpoint_every"] = min(run["checkpoint_every"], 10)
     run["name"] = f"{run['name']}-local"
@@ -329,6 +368,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against type ``hint`` (ints may stand for floats); return it."""
+    if key == "run.wandb" and isinstance(value, bool):  # YAML 1.1 reads a bare off/on as bools
+        if value:
+            raise ConfigError("run.wandb must be off, offline or online, got true")
+        return "off"
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -382,6 +425,9 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("train.host_sync=log skips non-finite steps inside the fused AdamW: "
                           "set optim.implementation to auto or fused, or train.host_sync to step")
     check_choice("train.strategy", c.train.strategy, STRATEGIES)
+    check_choice("run.wandb", c.run.wandb, WANDB_MODES)
+    if not c.run.wandb_project.strip():
+        raise ConfigError("run.wandb_project must not be empty (e.g. run.wandb_project=imagefm)")
     check_choice("stage.preset", c.stage.preset, tuple(STAGE_PRESETS))
     _at_least(1, run__checkpoint_every=c.run.checkpoint_every, run__keep_last=c.run.keep_last,
               run__log_every=c.run.log_every, train__steps=c.train.steps,
@@ -425,3 +471,34 @@ def validate(c: TrainConfig) -> None:
     for prefix, mult in c.stage.lr_mult.items():
         if mult < 0:
             raise ConfigError(f"stage.lr_mult.{prefix} must be >= 0, got {mult}")
+    _validate_accumulation(c)
+    _validate_eval(c)
+
+
+def _validate_accumulation(c: TrainConfig) -> None:
+    _at_least(1, train__accumulate=c.train.accumulate)
+    if c.data.batch_size % c.train.accumulate:
+        raise ConfigError(f"data.batch_size ({c.data.batch_size}) must be divisible by "
+                          f"train.accumulate ({c.train.accumulate}): it is the batch of one "
+                          f"optimizer step, made of train.accumulate micro-batches")
+    if c.train.accumulate > 1 and c.task.name == "contrastive" and c.train.strategy == "fsdp":
+        raise ConfigError("train.accumulate > 1 trains contrastive batches with GradCache, which "
+                          "needs train.strategy=ddp (FSDP's sharded parameters cannot re-run "
+                          "chunk by chunk)")
+
+
+def _validate_eval(c: TrainConfig) -> None:
+    e = c.eval
+    _at_least(0, eval__every=e.every, eval__patience=e.patience)
+    _at_least(1, eval__limit=e.limit)
+    if e.batch_size is not None:
+        _at_least(1, eval__batch_size=e.batch_size)
+    check_choice("eval.mode", e.mode, EVAL_MODES)
+    if not e.metric.startswith("eval/") or e.metric == "eval/":
+        raise ConfigError(f"eval.metric must name an evaluation metric, which start with "
+                          f"'eval/' (e.g. eval/loss), got {e.metric!r}")
+    if e.patience and not e.every:
+        raise ConfigError("eval.patience stops the run after evaluations without improvement, "
+                          "but eval.every = 0 (no evaluations): set eval.every")
+    if e.data is not None and not e.data.strip():
+        raise ConfigError("eval.data is empty: give the held-out data's path, or leave it out")

@@ -30,6 +30,9 @@ is still a random draw. Packing several conversations into one row would need at
 stops at their borders and positions (M-RoPE for Qwen2-VL) that restart in each; the decoder
 takes a padding mask only, so packing without that machinery would let conversations attend to
 each other. Deterministic given the epoch (exact resume); ranks take slices of each global batch.
+
+Everything is held in memory; for more conversations than that, ``data.source =
+conversation-stream`` (:mod:`imagefm.train.conversation_stream`) reads the same files, streamed.
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ from imagefm.data.conversations import (
     open_conversation_image,
     read_conversations,
 )
-from imagefm.data.formats import SkipCounter
+from imagefm.data.formats import RecordError, SkipCounter
 from imagefm.data.image import ImageDecodeError
 from imagefm.models.decoder import IGNORE_INDEX
 from imagefm.train.config import TrainConfig
-from imagefm.train.data import LoaderFactory, check_options, local_batch_size, register_data_source
+from imagefm.train.data import LoaderFactory, check_options, micro_batch_size, register_data_source
 from imagefm.train.distributed import DistInfo
 from imagefm.vlm_processor import ConversationTooLong, Example
 
@@ -221,8 +224,9 @@ class Idefics3Codec(Codec):
         return {k: v for k, v in batch.items() if k not in ("rows", "cols")}
 
 
-def codec_for(model: nn.Module) -> Codec:
-    """The codec of ``model``'s family (its ``architecture``), with the model's processor."""
+def codec_for(model: nn.Module, source: str = "conversations") -> Codec:
+    """The codec of ``model``'s family (its ``architecture``), with the model's processor
+    (``source``: the data source that asks, for the message when the model is no VLM)."""
     architecture = getattr(model, "architecture", None)
     if architecture == "vlm":
         from imagefm.vlm_processor import VLMProcessor
@@ -240,7 +244,7 @@ def codec_for(model: nn.Module) -> Codec:
         from imagefm.idefics3_processor import Idefics3Processor
 
         return Idefics3Codec(model, Idefics3Processor.for_model(model))
-    raise ConfigError(f"data.source = conversations trains a VLM (LLaVA-style, Qwen2-VL, "
+    raise ConfigError(f"data.source = {source} trains a VLM (LLaVA-style, Qwen2-VL, "
                       f"LLaVA-OneVision, Idefics3); model.init holds a {type(model).__name__}")
 
 
@@ -274,6 +278,20 @@ def _skip_reason(err: Exception) -> str:
     return "too long" if isinstance(err, ConversationTooLong) else "unusable"
 
 
+def conversation_example(codec: Codec, conversation: Conversation,
+                         images: list[Any] | None = None) -> tuple[Example, list[Any]]:
+    """The tokenised example of ``conversation`` and its decoded images (``images`` when given,
+    else loaded from its sources): a row for :func:`collate`. Raises ``RecordError`` (reason
+    ``missing image``, ``corrupt image``, ``too long`` or ``unusable``) when it cannot train."""
+    try:
+        if images is None:
+            images = load_images(conversation)
+        example = codec.example(conversation, [(i.height, i.width) for i in images])
+    except (MissingImage, ImageDecodeError, ValueError) as err:
+        raise RecordError(_skip_reason(err), f"{conversation.where}: {err}") from None
+    return example, images
+
+
 class ConversationBatches:
     """Length-grouped batches of tokenised conversations (see the module docstring)."""
 
@@ -290,10 +308,9 @@ class ConversationBatches:
         self.lengths: list[int] = []
         for conversation in conversations:  # the scan: decode, tokenise, measure
             try:
-                images = load_images(conversation)
-                example = codec.example(conversation, [(i.height, i.width) for i in images])
-            except (MissingImage, ImageDecodeError, ValueError) as err:
-                self.skips.add(_skip_reason(err), f"{conversation.where}: {err}")
+                example, _ = conversation_example(codec, conversation)
+            except RecordError as err:
+                self.skips.add(err.reason, str(err))
                 continue
             self.skips.ok()
             self.items.append(conversation)
@@ -319,17 +336,12 @@ class ConversationBatches:
         for batch in self.plan(epoch):
             rows = []
             for index in batch[self.rank * local:(self.rank + 1) * local]:
-                conversation = self.items[index]
                 try:
-                    images = load_images(conversation)
-                    example = self.codec.example(conversation,
-                                                 [(i.height, i.width) for i in images])
-                except (MissingImage, ImageDecodeError, ValueError) as err:
+                    rows.append(conversation_example(self.codec, self.items[index]))
+                except RecordError as err:
                     # Readable at the scan, not now (the file changed): counted, and replaced
                     # below by a repeat so every rank keeps its share of the batch.
-                    self.skips.add(_skip_reason(err), f"{conversation.where}: {err}")
-                    continue
-                rows.append((example, images))
+                    self.skips.add(err.reason, str(err))
             if not rows:
                 continue
             rows += [rows[i % len(rows)] for i in range(local - len(rows))]
@@ -348,7 +360,7 @@ def conversations_source(config: TrainConfig, model: nn.Module, info: DistInfo) 
     if not paths:
         raise ConfigError("data.source = conversations needs data.path (a .json or .jsonl "
                           "conversation file)")
-    local_batch_size(config.data.batch_size, info)
+    micro_rows = micro_batch_size(config, info) * info.world_size  # all ranks
     images = options.pop("images", None)
     conversations: list[Conversation] = []
     for path in paths:
@@ -358,7 +370,7 @@ def conversations_source(config: TrainConfig, model: nn.Module, info: DistInfo) 
             raise ConfigError(f"data.path: no conversation file {path}") from None
     options.setdefault("seed", config.run.seed)
     batches = ConversationBatches(codec_for(model), conversations,
-                                  batch_size=config.data.batch_size, rank=info.rank,
+                                  batch_size=micro_rows, rank=info.rank,
                                   world_size=info.world_size, **options)
     if info.is_main:
         print(f"conversations: {len(batches.items)} to train on; {batches.skips.report()}")

@@ -56,8 +56,17 @@ def gradcache_backward(
     ``autocast`` makes the mixed-precision context; both passes use it, so the re-run
     reproduces the cached embeddings.
     """
-    chunks = split_batch(batch, chunk_size)
+    return gradcache_chunks_backward(model, task, split_batch(batch, chunk_size), autocast)
 
+
+def gradcache_chunks_backward(
+    model: nn.Module,
+    task,
+    chunks: list[dict],
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[torch.Tensor, Metrics]:
+    """:func:`gradcache_backward` over a batch given as its ``chunks`` (the micro-batches of an
+    accumulated step, which need not have the same shapes: only their embeddings are joined)."""
     # 1. Embeddings of every chunk, without a graph.
     with torch.no_grad(), autocast():
         cached = [task.embed(model, chunk) for chunk in chunks]

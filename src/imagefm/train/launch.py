@@ -3,13 +3,20 @@
     python -m imagefm.train config.yaml train.steps=300 model.preset=tiny [--resume]
     torchrun --nproc-per-node 4 -m imagefm.train config.yaml
     imagefm train config.yaml train.steps=300
+    torchrun --nproc-per-node 4 -m imagefm train config.yaml   # with the CLI's evaluators
+
+``imagefm train`` adds the evaluators of :mod:`imagefm.eval.training` (zero-shot, retrieval on
+``eval.data``); ``python -m imagefm.train`` evaluates the held-out loss only (train/ imports no
+evaluator).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,14 @@ from torch import nn
 from imagefm.config import ConfigError, DualEncoderConfig, preset
 from imagefm.train import distributed
 from imagefm.train.config import TrainConfig, load_config
-from imagefm.train.data import get_data_source, local_batch_size
+from imagefm.train.data import (
+    HELD_OUT_SOURCES,
+    LoaderFactory,
+    get_data_source,
+    micro_batch_size,
+)
+from imagefm.train.distributed import DistInfo
+from imagefm.train.evaluation import Evaluator, check_something_to_evaluate
 from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.tasks import ContrastiveTask, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
@@ -64,22 +78,66 @@ def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask | VLMTa
                            local_loss=config.task.local_loss)
 
 
-def run(config: TrainConfig) -> Path:
-    """Train as ``config`` says (under torchrun too); return the run folder."""
+# Makes the evaluators for a run: ``(config, model) -> [evaluator(model) -> {"eval/...": x}]``
+# (imagefm.eval.training.training_evaluators is the one `imagefm train` uses).
+EvaluatorFactory = Callable[[TrainConfig, nn.Module], Sequence[Evaluator]]
+
+
+def run(config: TrainConfig, *, evaluators: EvaluatorFactory | None = None,
+        callbacks: Sequence[Any] = ()) -> Path:
+    """Train as ``config`` says (under torchrun too); return the run folder.
+
+    With ``eval.every > 0`` the run is evaluated during training: ``eval/loss`` on ``eval.data``
+    (read by the data source, see :func:`eval_data_config`) and the metrics of the evaluators
+    ``evaluators(config, model)`` makes; ``callbacks`` see every evaluation (train/evaluation.py).
+    """
     started_here = not distributed.current().enabled
     info = distributed.init_distributed(config.run.device)
     try:
-        local_batch_size(config.data.batch_size, info)  # fail before building anything
+        micro_batch_size(config, info)  # fail before building anything
         seed_everything(config.run.seed)  # the same initial weights on every rank
         model = build_model(config)
         task = build_task(config, model)
-        from imagefm.train import recipe_data  # noqa: F401  (registers data.source=recipes)
-
+        found: Sequence[Evaluator] = ()
+        eval_loader = None
+        if config.eval.every > 0:  # before the training data, which may take long to read
+            eval_loader = build_eval_loader(config, model, info)
+            found = list(evaluators(config, model)) if evaluators is not None else []
+            check_something_to_evaluate(config, eval_loader is not None, bool(found))
         make_loader = get_data_source(config.data.source)(config, model, info)
-        return Trainer(model, task, config, make_loader).fit()
+        return Trainer(model, task, config, make_loader, eval_loader=eval_loader,
+                       evaluators=found, callbacks=callbacks).fit()
     finally:
         if started_here:
             distributed.teardown()
+
+
+def eval_data_config(config: TrainConfig) -> TrainConfig:
+    """The config the data source builds held-out batches from: ``data.path = eval.data``,
+    ``data.source = eval.source`` (or data.source), ``data.batch_size = eval.batch_size`` (or
+    data.batch_size), no accumulation. ``data.options`` go with data.source only: another
+    source starts without any. A source that reads held-out data its own way (in order, no
+    augmentation: ``register_data_source(..., held_out_option=True)``) gets ``held_out: true``."""
+    data, evaluation = config.data, config.eval
+    source = evaluation.source or data.source
+    options = dict(data.options) if source == data.source else {}
+    get_data_source(source)  # imports the modules that register the built-in sources
+    if source in HELD_OUT_SOURCES:
+        options["held_out"] = True
+    held_out = dataclasses.replace(
+        data, path=evaluation.data, source=source,
+        batch_size=evaluation.batch_size or data.batch_size, options=options)
+    return dataclasses.replace(config, data=held_out,
+                               train=dataclasses.replace(config.train, accumulate=1))
+
+
+def build_eval_loader(config: TrainConfig, model: nn.Module, info: DistInfo
+                      ) -> LoaderFactory | None:
+    """Held-out batches from ``eval.data`` (None without it)."""
+    if config.eval.data is None:
+        return None
+    held_out = eval_data_config(config)
+    return get_data_source(held_out.data.source)(held_out, model, info)
 
 
 def model_from_checkpoint(checkpoint: str | Path, *, merge: bool = True) -> nn.Module:
@@ -112,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def train_from_args(config_path: str | None, overrides: list[str], *, resume: bool = False
-                    ) -> int:
-    """Load and validate the config, then run it. Shared by the CLI and ``python -m``."""
+def train_from_args(config_path: str | None, overrides: list[str], *, resume: bool = False,
+                    evaluators: EvaluatorFactory | None = None) -> int:
+    """Load and validate the config, then run it. Shared by the CLI (with its evaluators) and
+    ``python -m imagefm.train`` (held-out ``eval/loss`` only: train/ imports no evaluator)."""
     overrides = list(overrides)
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         overrides.insert(0, config_path)  # no file given: defaults plus overrides
@@ -122,7 +181,7 @@ def train_from_args(config_path: str | None, overrides: list[str], *, resume: bo
     if resume:
         overrides.append("run.resume=true")
     config = load_config(config_path, overrides)
-    run_dir = run(config)
+    run_dir = run(config, evaluators=evaluators)
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(f"run finished: {run_dir}")
     return 0

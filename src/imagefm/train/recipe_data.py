@@ -21,6 +21,11 @@ skips the tower. Unlocked towers get pixels, preprocessed once per image by the 
 The contract of ``imagefm.train.data`` holds: batches depend only on (run.seed, epoch), and each
 rank yields its rows of every global batch. ``run.local=true`` keeps the first 64 train records
 of each recipe (a smoke run), unless ``limit`` says otherwise.
+
+Everything this source trains on sits in memory (encoded images, then pixels or features: about
+300 kB per image at 224 px), so it refuses more than ``MAX_IN_MEMORY`` images. Larger data streams
+from shards with flat memory: ``imagefm data prepare NAME --out DIR`` writes a recipe's shards,
+and ``data.source=stream data.path=DIR`` trains on them (train/stream_data.py).
 """
 
 from __future__ import annotations
@@ -36,11 +41,17 @@ from torch import nn
 
 from imagefm.config import ConfigError
 from imagefm.train.config import STAGE_PRESETS, TrainConfig
-from imagefm.train.data import check_options, local_batch_size, register_data_source
+from imagefm.train.data import (
+    check_options,
+    micro_batch_size,
+    model_tokenizer,
+    register_data_source,
+)
 from imagefm.train.distributed import DistInfo
 
 OPTIONS = ("recipes", "langs", "cache_image_features", "views", "limit", "src")
 LOCAL_LIMIT = 64
+MAX_IN_MEMORY = 20_000  # images; ~6 GB of float16 pixels at 224 px
 TRAIN_SPLIT = "train"
 
 
@@ -94,6 +105,11 @@ def collect(records: Any, tokenizer: Any) -> CaptionedImages:
     images, texts, owners, langs = [], [], [], []
     sources: dict[str, int] = {}
     for record in records:
+        if len(images) >= MAX_IN_MEMORY:
+            raise ConfigError(
+                f"data.source=recipes holds every image in memory and stops at {MAX_IN_MEMORY:,}; "
+                f"write shards with `imagefm data prepare NAME --out DIR` and train with "
+                f"data.source=stream data.path=DIR (flat memory), or set data.options.limit")
         try:
             open_image(record.image, name=record.key)
         except ImageDecodeError as err:
@@ -235,12 +251,8 @@ def _options(config: TrainConfig) -> dict[str, Any]:
 def recipe_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> RecipeBatches:
     """``data.source=recipes`` (see the module docstring)."""
     options = _options(config)
-    local_batch_size(config.data.batch_size, info)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError("data.source=recipes tokenises captions with the model's own "
-                          "tokenizer, and this model has none: use a preset whose text tower "
-                          "comes with one (lit-effnet) or model.init a checkpoint that has one")
+    micro_rows = micro_batch_size(config, info) * info.world_size  # all ranks
+    tokenizer = model_tokenizer(model, "recipes")
     cache = options["cache_image_features"]
     locked = image_tower_locked(config)
     if cache is True and not locked:
@@ -266,7 +278,7 @@ def recipe_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> Reci
               f"({', '.join(f'{k} {v}' for k, v in data.sources.items())}), "
               f"{sum(len(c) for c in data.captions)} captions in {', '.join(options['langs'])}; "
               f"{what} ({options['views']} view(s)) in {time.perf_counter() - started:.1f} s")
-    batches = RecipeBatches(data, inputs, batch_size=config.data.batch_size,
+    batches = RecipeBatches(data, inputs, batch_size=micro_rows,
                             pad_id=tokenizer.pad_id, seed=config.run.seed, rank=info.rank,
                             world_size=info.world_size, features=bool(cache),
                             views=options["views"])

@@ -19,6 +19,9 @@ import re
 from torch import nn
 
 from imagefm.config import ConfigError
+from imagefm.models.lora import add_lora as inject_lora
+from imagefm.models.lora import is_lora_parameter
+from imagefm.models.lora import merge_lora as merge_lora_layers
 from imagefm.train.config import STAGE_PRESETS, StageConfig
 
 _BLOCK_INDEX = re.compile(r"\.(?:blocks|layers)\.(\d+)\.")
@@ -123,23 +126,15 @@ def _require_match(key: str, prefix: str, names: list[str], model: nn.Module) ->
                           f"modules are: {top}")
 
 
-# --- LoRA ----------------------------------------------------------------------------------------
-
-def is_lora_parameter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
+# --- LoRA (the layers and their merge: imagefm.models.lora) ---------------------------------------
 
 def add_lora(model: nn.Module, stage: StageConfig) -> None:
     """Inject LoRA layers (peft) into the ``lora_targets`` linears under ``lora_modules``."""
-    from imagefm.adapt.lora import LoraSettings
-    from imagefm.adapt.lora import add_lora as inject
-
     for prefix in stage.lora_modules:
         _require_match("stage.lora_modules", prefix, [n for n, _ in model.named_parameters()],
                        model)
-    settings = LoraSettings(rank=stage.lora_rank, alpha=stage.lora_alpha,
-                            dropout=stage.lora_dropout, targets=tuple(stage.lora_targets))
-    inject(model, settings, towers=list(stage.lora_modules))
+    inject_lora(model, stage.lora_modules, rank=stage.lora_rank, alpha=stage.lora_alpha,
+                dropout=stage.lora_dropout, targets=stage.lora_targets)
     if not any(is_lora_parameter(name) for name, _ in model.named_parameters()):
         raise ConfigError(f"stage.lora_targets {stage.lora_targets} match no linear layer under "
                           f"{stage.lora_modules}")
@@ -149,7 +144,5 @@ def merge_lora(model: nn.Module) -> bool:
     """Fold LoRA updates back into plain layers (in place); whether there were any."""
     if not any(is_lora_parameter(name) for name, _ in model.named_parameters()):
         return False
-    from imagefm.adapt.lora import merge_lora as merge
-
-    merge(model)
+    merge_lora_layers(model)
     return True

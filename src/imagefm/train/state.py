@@ -34,7 +34,9 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 @dataclass
 class Progress:
-    """Where the run is. ``batch_in_epoch`` batches of ``epoch`` have been consumed."""
+    """Where the run is. ``step`` counts optimizer steps; ``batch_in_epoch`` (micro-)batches of
+    ``epoch`` have been consumed. ``best_*``: the evaluation the best model came from, and how
+    many evaluations since brought no improvement (early stopping)."""
 
     step: int = 0
     epoch: int = 0
@@ -42,6 +44,9 @@ class Progress:
     samples: int = 0
     skipped_steps: int = 0
     bad_steps_in_row: int = 0
+    best_value: float | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

@@ -4,6 +4,8 @@ A task is any object with
 
     loss(model, batch) -> (loss tensor, {name: float-able metric})
     after_step(model) -> None          # optional: e.g. clamp a temperature after each update
+    loss_weight(batch) -> number       # optional: the loss terms a batch's mean loss is over
+                                       # (default: its rows; gradient accumulation weighs by it)
 
 Tasks that also split the loss into an embedding step and a loss-over-embeddings step,
 
@@ -123,6 +125,10 @@ class VLMTask:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, Metrics]:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         out = model(**inputs, labels=batch["labels"])
-        # Labels are shifted by one inside the loss: count the positions that are predicted.
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return out.loss, {"label_tokens": tokens}
+        return out.loss, {"label_tokens": self.loss_weight(batch)}
+
+    def loss_weight(self, batch: dict) -> torch.Tensor:
+        """The loss terms of ``batch``, over which its loss is the mean: the labelled tokens
+        that are predicted (labels shift by one inside the loss). Gradient accumulation
+        weights each micro-batch by them (train/accumulate.py)."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

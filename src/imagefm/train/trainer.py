@@ -1,28 +1,34 @@
 """The one training loop. It knows nothing of CLIP: a Task turns a batch into (loss, metrics).
 
-    trainer = Trainer(model, ContrastiveTask("clip"), config, make_loader)
+    trainer = Trainer(model, ContrastiveTask("clip"), config, make_loader,
+                      eval_loader=held_out, evaluators=[zero_shot], callbacks=[pruner])
     trainer.fit()            # -> the run folder
 
-One step: batch -> device -> task loss (under autocast; GradCache when configured) -> backward
--> gradient norm (clipped) -> skip if non-finite, else optimizer step + task.after_step + EMA
--> scheduler -> metrics, progress bar, checkpoint every ``run.checkpoint_every`` steps.
+One step: ``train.accumulate`` micro-batches -> device -> task loss (under autocast; GradCache
+for contrastive tasks when chunked or accumulated, train/accumulate.py) -> backward -> gradient
+norm (clipped) -> skip if non-finite, else optimizer step + task.after_step + EMA -> scheduler
+-> metrics, progress bar (samples/s, ETA, the latest evaluation), an evaluation every
+``eval.every`` steps (train/evaluation.py: held-out loss, evaluators, ``best/``, early
+stopping, callbacks), a checkpoint every ``run.checkpoint_every`` steps.
 With ``train.host_sync=log`` (auto on CUDA) nothing of a step is read back to the host: the
 fused AdamW skips a non-finite step on the device, and loss, gradient norm and skipped steps
 are read once per ``run.log_every`` steps.
 
-``make_loader(epoch)`` returns an iterable of batch dicts for that epoch (a DataLoader works
-too). For an exact ``run.resume`` it must be deterministic given the epoch: the Trainer records
-(epoch, batches consumed) and, on resume, re-creates that epoch's loader and skips the batches
-already trained on. Every step is one batch; ``train.steps`` counts batches, including any
-skipped for a non-finite loss.
+``make_loader(epoch)`` returns an iterable of micro-batch dicts for that epoch (a DataLoader
+works too; the protocol is in train/data.py and train/batches.py). For an exact ``run.resume``
+it must be deterministic given the epoch: the Trainer records (epoch, micro-batches consumed)
+and, on resume, re-creates that epoch's loader and starts after the micro-batches already
+trained on. ``train.steps`` counts optimizer steps, including any skipped for a non-finite
+loss; a step may take micro-batches from two epochs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,42 +38,62 @@ import torch
 import yaml
 from torch import nn
 
-from imagefm.checkpoint import write_model_card
 from imagefm.config import ConfigError
-from imagefm.hub import parse_hub_id
-from imagefm.model_card import CARD_FILE
 from imagefm.train import distributed
 from imagefm.train import state as run_state
+from imagefm.train.accumulate import accumulated_backward, is_contrastive, loss_weight
+from imagefm.train.batches import (
+    LoaderFactory,
+    as_loader_factory,
+    batch_rows,
+    epoch_batches,
+    to_device,
+)
 from imagefm.train.config import TrainConfig
-from imagefm.train.gradcache import gradcache_backward
+from imagefm.train.errors import StopTraining, TrainingError
+from imagefm.train.evaluation import Evaluation, Evaluator
+from imagefm.train.export import save_weights, write_run_card
 from imagefm.train.metrics import MetricsLogger
 from imagefm.train.optim import ExponentialMovingAverage, build_optimizer, build_scheduler
 from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.state import Progress, restore_rng
 from imagefm.train.tasks import Task
 
-LoaderFactory = Callable[[int], Iterable[dict]]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+__all__ = ["LoaderFactory", "StopTraining", "Trainer", "TrainingError", "as_loader_factory",
+           "batch_rows", "save_weights", "seed_everything", "to_device"]
 
 
 class Trainer:
-    """Trains ``model`` on ``task`` with the settings of ``config`` (see TrainConfig)."""
+    """Trains ``model`` on ``task`` with the settings of ``config`` (see TrainConfig).
+
+    ``eval_loader``: held-out batches for ``eval/loss``; ``evaluators``: ``evaluator(model) ->
+    {"eval/...": value}``; ``callbacks``: objects with ``on_evaluate(trainer, step, metrics)``
+    (train/evaluation.py).
+    """
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig,
-                 make_loader: LoaderFactory | Iterable[dict]) -> None:
+                 make_loader: LoaderFactory | Iterable[dict], *,
+                 eval_loader: LoaderFactory | Iterable[dict] | None = None,
+                 evaluators: Sequence[Evaluator] = (), callbacks: Sequence[Any] = ()) -> None:
         self.config, self.task = config, task
         self.make_loader = as_loader_factory(make_loader)
+        self.evaluation = Evaluation(
+            config, as_loader_factory(eval_loader) if eval_loader is not None else None,
+            evaluators, callbacks)
         self.dist = distributed.current()
         self.device = distributed.resolve_device(config.run.device, self.dist)
         self.autocast_dtype = resolve_precision(config.train.precision, self.device)
         self.run_dir = config.run_dir
-        self.gradcache = config.train.gradcache_chunk > 0
-        if self.gradcache and not hasattr(task, "embed"):
+        # Contrastive steps run GradCache when chunked, or when accumulated over micro-batches.
+        self.gradcache = is_contrastive(task) and (config.train.gradcache_chunk > 0
+                                                   or config.train.accumulate > 1)
+        if config.train.gradcache_chunk > 0 and not is_contrastive(task):
             raise ConfigError(f"train.gradcache_chunk needs a task with embed/embedding_loss; "
                               f"{type(task).__name__} has none")
+        if self.gradcache and self.dist.enabled and config.train.strategy == "fsdp":
+            raise ConfigError("contrastive training with train.accumulate > 1 or "
+                              "train.gradcache_chunk runs GradCache, which needs "
+                              "train.strategy=ddp")
 
         lr_mults = apply_stage(model, config.stage)  # freezing happens before any wrapping
         if config.model.gradient_checkpointing:
@@ -87,58 +113,92 @@ class Trainer:
         self._window = (time.perf_counter(), 0)  # (since, samples) of the pending records
         self.progress = Progress()
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
-                                    tensorboard=config.run.tensorboard)
+                                    tensorboard=config.run.tensorboard, wandb=config.run.wandb,
+                                    wandb_project=config.run.wandb_project,
+                                    config=config.to_dict())
         self._rng_to_restore: dict[str, Any] | None = None
+        self._bar: Any = None
+        self._postfix: dict[str, str] = {}
 
     # --- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> Path:
-        """Train until ``train.steps``; return the run folder."""
-        self._start_run()
-        steps, progress = self.config.train.steps, self.progress
-        bar = self._progress_bar()
-        last_saved = progress.step if progress.step else None
-        clock = time.perf_counter()
+        """Train until ``train.steps`` (or a clean stop); return the run folder."""
         try:
-            batches = self._batches() if progress.step < steps else iter(())
-            for epoch, index, batch in batches:
+            self._start_run()
+            self._train()
+        finally:
+            self.logger.close()  # also when a callback's exception (e.g. a pruned trial) ends it
+        return self.run_dir
+
+    def _train(self) -> None:
+        steps, progress = self.config.train.steps, self.progress
+        self._bar = self._progress_bar()
+        start = last_saved = progress.step if progress.step else None
+        clock = time.perf_counter()
+        stopped = False
+        try:
+            micro_batches = self._batches() if progress.step < steps else iter(())
+            while progress.step < steps:
+                group = list(itertools.islice(micro_batches, self.config.train.accumulate))
                 if self._rng_to_restore is not None:  # a resumed run: continue the random streams
                     restore_rng(self._rng_to_restore)
                     self._rng_to_restore = None
-                record = self.train_step(batch)
+                record = self.train_step([batch for _, _, batch in group])
                 progress.step += 1
+                epoch, index, _ = group[-1]
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1
                 samples = record.pop("samples")
                 progress.samples += samples
-                now = time.perf_counter()  # the step's time includes waiting for its batch
+                now = time.perf_counter()  # the step's time includes waiting for its batches
                 elapsed, clock = max(now - clock, 1e-9), now
                 record.update(epoch=epoch, samples_per_s=samples / elapsed)
-                self._report(record, bar, samples)
+                self._report(record, samples)
+                if self.evaluation.due(progress.step):
+                    self.evaluate()
                 if progress.step % self.config.run.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = progress.step
-                    clock = time.perf_counter()  # saving is not part of the next step's speed
-                if progress.step >= steps:
-                    break
+                if self.evaluation.last_step == progress.step or last_saved == progress.step:
+                    clock = time.perf_counter()  # not part of the next step's speed
+        except StopTraining as reason:
+            stopped = True
+            self._say(f"stopping at step {progress.step}: {reason}")
         finally:
-            bar.close()
+            self._bar.close()
+        if (not stopped and progress.step != start and self.evaluation.enabled
+                and self.evaluation.last_step != progress.step):
+            try:
+                self.evaluate()  # the end of the run is always evaluated
+            except StopTraining:
+                pass  # the run ends here anyway
         if last_saved != progress.step:
             self.save_checkpoint()
         self.export()
-        self.logger.close()
-        return self.run_dir
 
-    def train_step(self, batch: dict) -> dict[str, Any]:
-        """One optimizer step on one batch; returns the step's metrics."""
-        batch = to_device(batch, self.device)
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate now (every rank must call this); raises StopTraining to end the run."""
+        metrics = self.evaluation.evaluate(self)
+        shown = metrics.get(self.config.eval.metric)
+        if shown is not None and self._bar is not None:
+            self._postfix[self.config.eval.metric.replace("/", "_")] = f"{shown:.4g}"
+            self._bar.set_postfix(self._postfix, refresh=False)
+        return metrics
+
+    def train_step(self, batch: dict | list[dict]) -> dict[str, Any]:
+        """One optimizer step on one batch, or on a list of ``train.accumulate``
+        micro-batches; returns the step's metrics."""
+        batches = [batch] if isinstance(batch, dict) else list(batch)
+        # Per-example losses weigh accumulated micro-batches by their loss terms, counted on
+        # the host batches (no device sync).
+        weights = ([loss_weight(self.task, b) for b in batches]
+                   if len(batches) > 1 and not self.gradcache else [1.0] * len(batches))
+        batches = [to_device(b, self.device) for b in batches]
         self.wrapped.train()
-        if self.gradcache:
-            loss, metrics = gradcache_backward(self.wrapped, self.task, batch,
-                                               self.config.train.gradcache_chunk, self._autocast)
-        else:
-            with self._autocast():
-                loss, metrics = self.task.loss(self.wrapped, batch)
-            loss.backward()  # DDP / FSDP average the gradients over ranks here...
+        # DDP / FSDP average the gradients over ranks in the (last) backward...
+        loss, metrics = accumulated_backward(
+            self.wrapped, self.task, batches, weights, contrastive=self.gradcache,
+            chunk=self.config.train.gradcache_chunk, autocast=self.autocast)
         distributed.average_gradients(self.unsynced)  # ...except these
         if self.deferred_sync:
             loss_value, grad_norm, bad = self._optimizer_step_on_device(loss)
@@ -168,7 +228,7 @@ class Trainer:
         self.scheduler.step()
         return {"step": self.progress.step + 1, "loss": loss_value, "lr": lr,
                 "grad_norm": grad_norm,
-                "samples": batch_rows(batch) * self.dist.world_size, **extra}
+                "samples": sum(batch_rows(b) for b in batches) * self.dist.world_size, **extra}
 
     def _optimizer_step_on_device(self, loss: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,7 +281,8 @@ class Trainer:
                               "cannot use (FSDP-sharded?): set train.host_sync=step")
         return choice == "log" or (choice == "auto" and fused and self.device.type == "cuda")
 
-    def _autocast(self):
+    def autocast(self):
+        """The mixed-precision context of training (and of the held-out loss)."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -236,11 +297,8 @@ class Trainer:
         step = progress.step + 1 if step is None else step
         progress.skipped_steps += 1
         progress.bad_steps_in_row += 1
-        if self.dist.is_main:
-            from tqdm import tqdm
-
-            tqdm.write(f"step {step}: non-finite loss {loss_value} / gradient norm "
-                       f"{grad_norm}; step skipped ({progress.skipped_steps} so far)")
+        self._say(f"step {step}: non-finite loss {loss_value} / gradient norm {grad_norm}; step "
+                  f"skipped ({progress.skipped_steps} so far)")
         if progress.bad_steps_in_row > limit:
             raise TrainingError(
                 f"{progress.bad_steps_in_row} non-finite losses in a row (step "
@@ -248,7 +306,15 @@ class Trainer:
                 f"train.precision=fp32 or check the data; train.max_bad_steps={limit} sets how "
                 f"many are tolerated. Resume from the last checkpoint with run.resume=true.")
 
-    def _report(self, record: dict[str, Any], bar, samples: int = 0) -> None:
+    def _say(self, message: str) -> None:
+        """A line for the user (rank 0), printed above the progress bar."""
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def _report(self, record: dict[str, Any], samples: int = 0) -> None:
+        bar = self._bar
         bar.update(1)
         if self.deferred_sync:
             since, counted = self._window
@@ -258,26 +324,19 @@ class Trainer:
                 return
             record = self._flush()
         if record["loss"] is not None and math.isfinite(record["loss"]):
-            bar.set_postfix(loss=f"{record['loss']:.4f}",
-                            samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
+            # tqdm shows the ETA of train.steps; samples/s counts every rank's micro-batches.
+            self._postfix.update(loss=f"{record['loss']:.4f}",
+                                 samples_s=f"{record['samples_per_s']:.0f}")
+            bar.set_postfix(self._postfix, refresh=False)
         if self.progress.step % self.config.run.log_every == 0:
             self.logger.log(record)
 
     # --- data ------------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[tuple[int, int, dict]]:
-        """(epoch, index in epoch, batch) forever, skipping batches a resumed run already did."""
-        epoch, skip = self.progress.epoch, self.progress.batch_in_epoch
-        while True:
-            produced = 0
-            for index, batch in enumerate(self.make_loader(epoch)):
-                produced += 1
-                if index >= skip:
-                    yield epoch, index, batch
-            if produced == 0:
-                raise TrainingError(f"make_loader({epoch}) yielded no batches: the data source "
-                                    f"is empty (or smaller than one batch)")
-            epoch, skip = epoch + 1, 0
+        """(epoch, index in epoch, micro-batch) forever, from where a resumed run stopped;
+        under torch.distributed every rank ends each epoch together."""
+        return epoch_batches(self.make_loader, self.progress.epoch, self.progress.batch_in_epoch)
 
     # --- run folder, checkpoints, export ---------------------------------------------------------
 
@@ -349,23 +408,9 @@ class Trainer:
             if ema is not None:
                 save_weights(self.model, ema, self.run_dir / "final_ema")
             for name in ("final", "final_ema") if ema is not None else ("final",):
-                self._write_card(self.run_dir / name)
+                write_run_card(self.model, self.config, self.run_dir / name)
             self.logger.plot()
         distributed.barrier()
-
-    def _write_card(self, directory: Path) -> None:
-        """The model card of a finished run says what it was trained on and from what."""
-        if not (directory / CARD_FILE).is_file():
-            return  # bare weights: no imagefm checkpoint, no card
-        data, model = self.config.data, self.config.model
-        source = data.source + (f" ({data.path})" if data.path else "")
-        facts: dict[str, Any] = {"training_data": [
-            f"{source}: {self.config.train.steps} steps of {data.batch_size} "
-            f"(stage {self.config.stage.preset}, run {self.config.run.name})"]}
-        hub_id = parse_hub_id(model.init) if model.init else None
-        if hub_id is not None:
-            facts["base_model"] = hub_id[0]
-        write_model_card(self.model, directory, **facts)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -391,22 +436,6 @@ class Trainer:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def as_loader_factory(source: LoaderFactory | Iterable[dict]) -> LoaderFactory:
-    """Accept ``make_loader(epoch)`` or a re-iterable such as a DataLoader."""
-    if callable(source) and not hasattr(source, "__iter__"):
-        return source
-
-    def make_loader(epoch: int) -> Iterable[dict]:
-        # Loaders that reshuffle per epoch say so with set_epoch (imagefm.data's loaders),
-        # DataLoaders through their sampler (DistributedSampler).
-        for owner in (source, getattr(source, "sampler", None)):
-            if hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
-        return source
-
-    return make_loader
-
-
 def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 where supported (``auto``/``bf16``), None for fp32."""
     if choice == "fp32":
@@ -415,18 +444,6 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "bf16" and not supported:
         raise ConfigError("train.precision=bf16 but this GPU has no bfloat16; use fp32")
     return torch.bfloat16 if supported else None
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
-
-
-def batch_rows(batch: dict) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
-    return 0
 
 
 def changed_settings(before: Any, after: Any, prefix: str = ""
@@ -443,32 +460,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def save_weights(model: nn.Module, state: dict[str, torch.Tensor] | None,
-                 directory: Path) -> None:
-    """Save ``model`` (with ``state`` instead of its own weights, if given) to ``directory``.
-
-    Models with ``save_pretrained`` become imagefm checkpoints; to save other weights into one,
-    a CPU copy is rebuilt as ``type(model)(model.config, model.card)``. Anything else is saved
-    as bare safetensors weights.
-    """
-    if state is not None and hasattr(model, "save_pretrained"):
-        try:
-            copy = type(model)(model.config, getattr(model, "card", None))
-        except (AttributeError, TypeError):
-            copy = None
-        if copy is not None:
-            copy.load_state_dict(state)
-            copy.tokenizer = getattr(model, "tokenizer", None)
-            model, state = copy, None
-    if state is None and hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
-        return
-    from imagefm.checkpoint import save_state_dict
-
-    save_state_dict(state if state is not None else model.state_dict(),
-                    directory / "model.safetensors")
 
 
 def _as_float(value: Any) -> Any:

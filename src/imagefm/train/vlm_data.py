@@ -32,7 +32,7 @@ from imagefm.train.config import TrainConfig
 from imagefm.train.data import (
     LoaderFactory,
     check_options,
-    local_batch_size,
+    micro_batch_size,
     register_data_source,
 )
 from imagefm.train.distributed import DistInfo
@@ -117,11 +117,11 @@ def vlm_synthetic_source(config: TrainConfig, model: nn.Module, info: DistInfo) 
 
         return native_synthetic_source(config, model, info)
     check_options("vlm-synthetic", config.data.options, OPTIONS)
-    local_batch_size(config.data.batch_size, info)
+    micro_rows = micro_batch_size(config, info) * info.world_size  # all ranks
     options = dict(config.data.options)
     options.setdefault("seed", config.run.seed)
     return SyntheticConversations(VLMProcessor.for_model(model),
-                                  batch_size=config.data.batch_size, rank=info.rank,
+                                  batch_size=micro_rows, rank=info.rank,
                                   world_size=info.world_size, **options)
 
 
@@ -188,7 +188,8 @@ RECORD_OPTIONS = ("paths", "langs", "image_root", "seed")
 def read_training_records(paths: Sequence[str], image_root: str | None = None) -> list[Record]:
     """Records of LLaVA ``.json`` files and WebDataset shards (directories, files, globs);
     the Tux Paint ``test`` split is refused (reserved for evaluation)."""
-    from imagefm.data.formats import SkipCounter, read_llava_json, read_shards
+    from imagefm.data.files import read_llava_json
+    from imagefm.data.formats import SkipCounter, read_shards
 
     records: list[Record] = []
     skips = SkipCounter()
@@ -207,14 +208,14 @@ def vlm_records_source(config: TrainConfig, model: nn.Module, info: DistInfo) ->
     paths = ([config.data.path] if config.data.path else []) + list(options.pop("paths", []))
     if not paths:
         raise ConfigError("data.source = vlm-records needs data.path (shards or a LLaVA .json)")
-    local_batch_size(config.data.batch_size, info)
+    micro_rows = micro_batch_size(config, info) * info.world_size  # all ranks
     try:
         records = read_training_records(paths, options.pop("image_root", None))
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}") from None
     options.setdefault("seed", config.run.seed)
     return RecordConversations(VLMProcessor.for_model(model), records,
-                               batch_size=config.data.batch_size, rank=info.rank,
+                               batch_size=micro_rows, rank=info.rank,
                                world_size=info.world_size, **options)
 
 

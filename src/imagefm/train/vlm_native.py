@@ -27,7 +27,7 @@ from imagefm.data.conversations import Conversation
 from imagefm.data.records import IMAGE_TOKEN
 from imagefm.train.config import TrainConfig
 from imagefm.train.conversations import Codec, codec_for, collate
-from imagefm.train.data import LoaderFactory, check_options, local_batch_size
+from imagefm.train.data import LoaderFactory, check_options, micro_batch_size
 from imagefm.train.distributed import DistInfo
 from imagefm.train.vlm_data import DESCRIBE, KINDS, OPTIONS, record_messages
 from imagefm.vlm_processor import ConversationTooLong
@@ -120,8 +120,8 @@ def native_synthetic_source(config: TrainConfig, model: nn.Module,
     """``data.source = vlm-synthetic`` for a model with a conversation codec (options:
     NATIVE_OPTIONS)."""
     check_options("vlm-synthetic", config.data.options, NATIVE_OPTIONS)
-    local_batch_size(config.data.batch_size, info)
+    micro_rows = micro_batch_size(config, info) * info.world_size  # all ranks
     options = dict(config.data.options)
     options.setdefault("seed", config.run.seed)
-    return NativeSyntheticConversations(codec_for(model), batch_size=config.data.batch_size,
+    return NativeSyntheticConversations(codec_for(model), batch_size=micro_rows,
                                         rank=info.rank, world_size=info.world_size, **options)

@@ -16,13 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from imagefm.data.formats import (
-    SkipCounter,
-    read_classes,
-    read_image_folder,
-    read_shards,
-    safe_key,
-)
+from imagefm.data.files import read_image_folder
+from imagefm.data.formats import SkipCounter, read_classes, read_shards, safe_key
 from imagefm.data.recipes.base import Recipe, image_is_usable, register
 from imagefm.data.records import Caption, Record
 

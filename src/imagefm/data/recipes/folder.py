@@ -15,13 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from imagefm.data.formats import (
-    RecordError,
-    SkipCounter,
-    read_caption_file,
-    read_image_folder,
-    read_llava_json,
-)
+from imagefm.data.files import read_caption_file, read_image_folder, read_llava_json
+from imagefm.data.formats import RecordError, SkipCounter
 from imagefm.data.recipes.base import Recipe, image_is_usable, register
 from imagefm.data.recipes.cifar10 import class_captions
 from imagefm.data.records import Record
