@@ -117,3 +117,16 @@ def test_load_refuses_misshaped_weights(tmp_path: Path) -> None:
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"mis-shaped \['image_proj.weight \(3, 3\)"):
         imagefm.load(tmp_path)
+
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: a server running as another user must be able to read a model."""
+    import os
+    import stat
+
+    from imagefm.checkpoint import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

@@ -46,6 +46,15 @@ class CheckpointError(ValueError):
 
 # --- atomic writes -------------------------------------------------------------------------------
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves half a file."""
     path = Path(path)
@@ -54,6 +63,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates the file 0600; give it the mode any new file gets (0666 - umask), so a
+        # server running as another user (a container) can read the models written here.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,4 +1,5 @@
-"""Commands about checkpoints: ``imagefm info``, ``imagefm convert`` and ``imagefm download``."""
+"""Commands about checkpoints: ``imagefm info``, ``imagefm convert``, ``imagefm export`` and
+``imagefm download``."""
 
 from __future__ import annotations
 
@@ -129,6 +130,99 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in values) + ")"
 
 
+def _calibration_records(path: Path | None, n: int, seed: int, image_size: int) -> Any:
+    """Records for static int8 calibration: shards, an image folder, or synthetic scenes."""
+    from imagefm.data.files import read_image_folder
+    from imagefm.data.formats import SkipCounter, read_shards
+
+    if path is None:
+        from imagefm.data.synthetic import generate
+
+        return generate("scenes", n, seed=seed, image_size=image_size, workers=1)
+    if path.is_dir() and not any(path.rglob("*.tar")):
+        return read_image_folder(path, SkipCounter())
+    return read_shards(path, SkipCounter())
+
+
+def _export_onnx(model: Any, out: Path, *, int8: str | None, calibration: Path | None,
+                 calibration_n: int, opset: int, seed: int) -> None:
+    from imagefm.config import ConfigError
+    from imagefm.convert.onnx_export import check_exportable, export_onnx
+    from imagefm.convert.onnx_quantize import INT8_MODES, calibration_from_records
+
+    if int8 is not None and int8 not in INT8_MODES:
+        raise typer.BadParameter(f"--int8 must be one of {', '.join(INT8_MODES)}, got {int8!r}")
+    if calibration is not None and int8 != "static":
+        raise typer.BadParameter("--calibration is for --int8 static")
+    check_exportable(model)  # before reading any calibration data
+    data = None
+    if int8 == "static":
+        if getattr(model, "tokenizer", None) is None:
+            raise ConfigError("--int8 static calibrates the text graph with texts, but this "
+                              "model has no tokenizer; use --int8 dynamic")
+        records = _calibration_records(calibration, calibration_n, seed, model.card.image_size)
+        data = calibration_from_records(records, calibration_n)
+    written = export_onnx(model, out, opset=opset, int8=int8, calibration=data)
+    for path in written.values():
+        if isinstance(path, Path):
+            typer.echo(f"wrote {path}")
+    if data is not None and data.skips.total_skipped:
+        typer.echo(f"calibration images: {data.skips.report()}")
+
+
+def _report_int8(out: Path, suites: list[str], eval_data: Path | None, classes: Path | None,
+                 n: int, lang: str, seed: int) -> None:
+    """Zero-shot top-1 of the float and int8 graphs; printed and written to int8_eval.json."""
+    import json
+
+    from imagefm.checkpoint import atomic_write_text
+    from imagefm.eval.onnx_int8 import compare_int8, format_int8_table
+    from imagefm.eval.suites import SUITES
+
+    langs = [x.strip() for x in lang.split(",") if x.strip()]
+    evaluate = None
+    if eval_data is not None:
+        from imagefm.cli.eval import _run_zeroshot
+
+        def evaluate(model: Any, processor: Any) -> list[dict[str, Any]]:
+            return _run_zeroshot(model, processor, eval_data, langs, classes, None, n, 64)
+    else:
+        unknown = [s for s in suites if s not in SUITES]
+        if unknown:
+            raise typer.BadParameter(f"unknown suite {', '.join(unknown)}; choose among "
+                                     f"{', '.join(SUITES)} or none")
+    result = compare_int8(out, suites=suites, langs=langs, n=n, seed=seed, evaluate=evaluate)
+    path = atomic_write_text(out / "int8_eval.json", json.dumps(result, indent=2) + "\n")
+    typer.echo(format_int8_table(result))
+    typer.echo(f"wrote {path}")
+
+
+def _gguf_quant(quant: str) -> str:
+    from imagefm.convert.gguf_export import QUANTS
+
+    if quant not in QUANTS:
+        raise typer.BadParameter(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r} "
+                                 f"(k-quants: export f16 or q8_0, then run llama-quantize)")
+    return quant
+
+
+def _export_gguf(model: Any, out: Path, quant: str) -> None:
+    """A language model as one GGUF file for llama.cpp (a directory --out gets model-QUANT.gguf)."""
+    from imagefm.convert.gguf_export import describe_gguf_export, export_gguf
+    from imagefm.models.vlm import VLM
+
+    if isinstance(model, VLM):  # --out is a directory: model-QUANT.gguf + mmproj-f16.gguf
+        from imagefm.convert.mmproj_export import describe_mmproj_export, export_vlm_gguf
+
+        lm_path, mmproj_path = export_vlm_gguf(model, out, quant=quant)
+        typer.echo(f"wrote {lm_path}: {describe_gguf_export(lm_path)}")
+        typer.echo(f"wrote {mmproj_path}: {describe_mmproj_export(mmproj_path)}")
+        return
+    path = out / f"model-{quant}.gguf" if out.is_dir() else out
+    export_gguf(model, path, quant=quant)
+    typer.echo(f"wrote {path}: {describe_gguf_export(path)}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
@@ -165,6 +259,74 @@ def register(app: typer.Typer) -> None:
         else:
             model.save_pretrained(dst)
         typer.echo(f"wrote {to} checkpoint to {dst}")
+
+    @app.command("export")
+    def export_command(
+        src: Path = typer.Argument(..., metavar="MODEL",
+                                   help="Checkpoint to read (any format imagefm loads)."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        fmt: str = typer.Option("onnx", "--format", help="onnx (dual encoders: image and text "
+                                                         "graphs + preprocess.json), hf, or gguf "
+                                                         "(language models: one llama.cpp "
+                                                         "file, --out names it; LLaVA-style "
+                                                         "VLMs: model + mmproj files in the "
+                                                         "--out directory)."),
+        int8: str = typer.Option(None, "--int8", help="Also write int8 graphs: dynamic or "
+                                                      "static (calibrated), then report the "
+                                                      "zero-shot top-1 they cost."),
+        calibration: Path = typer.Option(None, "--calibration",
+                                         help="Shards or an image folder whose images and "
+                                              "captions calibrate --int8 static (default: "
+                                              "synthetic scenes)."),
+        calibration_n: int = typer.Option(64, "--calibration-n",
+                                          help="Calibration images (and texts) to use."),
+        eval_suite: str = typer.Option("colour,shape", "--eval-suite",
+                                       help="Synthetic suites measuring the int8 cost, "
+                                            "comma-separated, or none."),
+        eval_data: Path = typer.Option(None, "--eval-data",
+                                       help="Labelled shards to measure the int8 cost on "
+                                            "instead (zero-shot, as imagefm eval --suite "
+                                            "zeroshot; class names as there or --classes)."),
+        classes: Path = typer.Option(None, "--classes", help="JSON class names for --eval-data."),
+        eval_n: int = typer.Option(100, "--eval-n", help="Images per suite (or records of "
+                                                         "--eval-data) for the int8 cost."),
+        lang: str = typer.Option("en", "--lang", help="Language(s) of the int8 evaluation."),
+        seed: int = typer.Option(0, "--seed", help="Seed of synthetic images."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset of the graphs."),
+        quant: str = typer.Option(None, "--quant", help="--format gguf: f16 (default), f32, "
+                                                        "q8_0, q4_0 or q4_1 (4-bit files keep "
+                                                        "the output head q8_0)."),
+        arch: str = typer.Option(None, help="open_clip architecture of a bare state-dict file."),
+    ) -> None:
+        """Export a model: ONNX graphs for runtimes without imagefm (--format onnx, optionally
+        int8), the Hugging Face directory of its transformers class (--format hf), or a
+        language model as one GGUF file for llama.cpp (--format gguf --quant q8_0; a VLM: its LM
+        and an mmproj file for llama.cpp's multimodal tools)."""
+        import imagefm
+
+        if fmt not in ("onnx", "hf", "gguf"):
+            raise typer.BadParameter(f"--format must be 'onnx', 'hf' or 'gguf', got {fmt!r}")
+        if fmt != "onnx" and (int8 or calibration):
+            raise typer.BadParameter("--int8 and --calibration apply to --format onnx only")
+        if quant is not None and fmt != "gguf":
+            raise typer.BadParameter("--quant applies to --format gguf only")
+        if fmt == "gguf":
+            _gguf_quant(quant or "f16")  # before loading the model
+        model = imagefm.load(src, arch=arch)
+        if fmt == "gguf":
+            _export_gguf(model, out, quant or "f16")
+            return
+        if fmt == "hf":
+            from imagefm.convert.export import export_to_hf
+
+            export_to_hf(model, out)
+            typer.echo(f"wrote hf checkpoint to {out}")
+            return
+        _export_onnx(model, out, int8=int8, calibration=calibration,
+                     calibration_n=calibration_n, opset=opset, seed=seed)
+        suites = [s.strip() for s in eval_suite.split(",") if s.strip() not in ("", "none")]
+        if int8 and (suites or eval_data is not None):
+            _report_int8(out, suites, eval_data, classes, eval_n, lang, seed)
 
     @app.command()
     def download(
