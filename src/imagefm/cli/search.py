@@ -140,6 +140,10 @@ def register(app: typer.Typer) -> None:
         max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for company."),
         max_queue: int = typer.Option(1024, help="Queued inputs before answering 503."),
         timeout: float = typer.Option(30.0, help="Seconds a request may wait for the model."),
+        chat_slots: int = typer.Option(8, help="Chat: replies decoded together, admitted and "
+                                               "retired at every step (1: one at a time)."),
+        max_chat_queue: int = typer.Option(32, help="Chat: requests decoding or waiting before "
+                                                    "answering 429."),
         max_request_mb: float = typer.Option(16.0, help="Largest request body (MB)."),
         max_image_pixels: int = typer.Option(40_000_000, help="Largest image (pixels)."),
         image_url_host: list[str] = typer.Option(
@@ -182,6 +186,7 @@ def register(app: typer.Typer) -> None:
             host=host, port=port, api_key=api_key or None, model_name=name,
             max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             timeout_s=timeout, max_request_bytes=int(max_request_mb * 2**20),
+            chat_slots=chat_slots, max_chat_queue=max_chat_queue,
             max_image_pixels=max_image_pixels, precision=precision,
             image_url_hosts=tuple(image_url_host),
             image_dir=str(image_dir) if image_dir is not None else None)

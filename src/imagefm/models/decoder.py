@@ -249,20 +249,32 @@ class DecoderAttention(nn.Module):
         q = qk[:, :, :h].transpose(1, 2)
         k = qk[:, :, h:].transpose(1, 2)
         v = qkv[:, :, h + kv:].transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        if n == 1 and h != kv and not is_causal:
+        rows = getattr(cache, "rows", None)
+        if rows is not None:
+            # Sequences of different lengths decoded together (models/batched_decode.py): each
+            # row attends over its own cache by the very call it would make alone.
+            out = torch.cat([self.attend(q[i:i + 1], *row.update(layer, k[i:i + 1], v[i:i + 1]),
+                                         mask, is_causal) for i, row in enumerate(rows)])
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            out = self.attend(q, k, v, mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, h * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """SDPA of q [B, heads, L, D] over k/v [B, kv_heads, keys, D]: [B, heads, L, D]."""
+        b, h, n, _ = q.shape
+        if n == 1 and h != self.kv_heads and not is_causal:
             # One new token (a decoding step): the query heads that share a key/value head are
             # that head's queries, so attention runs per KV head with no key repetition. On the
             # CPU SDPA's enable_gqa path costs 1.5x (float32) to 7x (bfloat16) more here.
             # A padding mask [B or 1, 1, 1, keys] broadcasts over the grouped queries.
-            grouped = q.reshape(b, kv, h // kv, self.head_dim)
+            grouped = q.reshape(b, self.kv_heads, h // self.kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
-            out = out.reshape(b, h, 1, self.head_dim)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                 enable_gqa=h != kv)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, h * self.head_dim))
+            return out.reshape(b, h, 1, self.head_dim)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=h != self.kv_heads)
 
 
 class SwiGLU(nn.Module):
@@ -464,8 +476,7 @@ class DecoderLM(nn.Module):
             cache.length = past + length
         hidden = self.norm(x)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        head = self.quantized_head if self.quantized_head is not None else self.lm_head
-        logits = head(kept) if head is not None else F.linear(kept, self.embed_tokens.weight)
+        logits = self.output_logits(kept)
         loss = None
         if labels is not None:
             if logits_to_keep > 0:
@@ -473,6 +484,11 @@ class DecoderLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return DecoderOutput(logits, loss, cache, hidden if output_hidden_states else None)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection of final-norm states [..., width]: logits [..., vocab]."""
+        head = self.quantized_head if self.quantized_head is not None else self.lm_head
+        return head(hidden) if head is not None else F.linear(hidden, self.embed_tokens.weight)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,

@@ -5,6 +5,10 @@ KV cache, batched prompts with left padding, stop tokens and stop strings, strea
     generate_tokens(model, ids, ...) -> iterator over each step's new tokens [B]
     stream_text(model, tok, ids)     -> iterator over text pieces of one sequence (TextStream)
 
+The loop's two halves are objects of their own, ``TokenPicker`` (logits -> next tokens, when a
+row is done) and ``TextPieces`` (tokens -> text safe to show), so that the continuous-batching
+server decodes each of its sequences with exactly the same steps.
+
 Logit processing follows Hugging Face's order and definitions (tests compare against its
 processors): repetition penalty, then (sampling only) temperature, top-k, top-p. The repetition
 penalty sees the prompt and the generated tokens, but never padding.
@@ -118,6 +122,65 @@ class _StopStrings:
         return hits
 
 
+class TokenPicker:
+    """Each step's next tokens [B] from the model's last logits, and which rows are done: logit
+    processing, sampling (with ``generator``) or argmax, ``pad_token_id`` for finished rows, end
+    tokens and stop strings. Options as :func:`generate_tokens`, which drives one per call; the
+    continuous-batching decoder (:mod:`imagefm.models.batched_decode`) drives one per sequence,
+    so a sequence decoded among others picks what it would alone."""
+
+    def __init__(self, model: Any, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, stop_strings: Sequence[str] = (),
+                 tokenizer: Any = None, generator: torch.Generator | None = None) -> None:
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        self.eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
+        if pad_token_id is None:
+            pad_token_id = model.config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = int(self.eos[0]) if len(self.eos) else 0
+        self.pad_token_id = pad_token_id
+        self.stops = _StopStrings(stop_strings, tokenizer or getattr(model, "tokenizer", None),
+                                  batch)
+        self.processing = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k,
+                           "top_p": top_p, "repetition_penalty": repetition_penalty}
+        self.generator = generator
+        self.seen = None
+        if repetition_penalty != 1.0:
+            vocab = model.config.vocab_size
+            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            prompt = input_ids.masked_fill(attention_mask == 0, vocab) if padded else input_ids
+            seen.scatter_(1, prompt, True)  # padding goes to the extra column, then is dropped
+            self.seen = seen[:, :vocab]
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next tokens [B] for the last position's ``logits`` [B, vocab]."""
+        scores = process_logits(logits.float(), self.seen, **self.processing)
+        if self.processing["do_sample"]:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        return token.masked_fill(self.finished, self.pad_token_id)
+
+    def update(self, token: torch.Tensor) -> bool:
+        """Take in the tokens picked (once their reader has them); True when every row is done."""
+        self.finished |= torch.isin(token, self.eos)
+        if self.stops:
+            hits = self.stops.update(token.tolist(), self.finished.tolist())
+            self.finished |= torch.tensor(hits, dtype=torch.bool, device=token.device)
+        if bool(self.finished.all()):
+            return True
+        if self.seen is not None:
+            self.seen[torch.arange(len(token), device=token.device), token] = True
+        return False
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -161,25 +224,17 @@ def generate_tokens(
         raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
-    if pad_token_id is None:
-        pad_token_id = model.config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if len(eos) else 0
-    stops = _StopStrings(stop_strings, tokenizer or getattr(model, "tokenizer", None), batch)
+    picker = TokenPicker(model, input_ids, attention_mask, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, stop_strings=stop_strings,
+                         tokenizer=tokenizer, generator=generator)
 
     # One mask for prompt + everything that can be generated; views of it are passed each step.
     full_mask = torch.ones(batch, length + max_new_tokens, dtype=torch.long, device=device)
     padded = attention_mask is not None and not bool(attention_mask.all())
     if padded:
         full_mask[:, :length] = attention_mask
-    seen = None
-    if repetition_penalty != 1.0:
-        vocab = model.config.vocab_size
-        seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
-        prompt = input_ids if not padded else input_ids.masked_fill(attention_mask == 0, vocab)
-        seen.scatter_(1, prompt, True)  # padding goes to the extra column, then is dropped
-        seen = seen[:, :vocab]
 
     # Positions come from the mask inside the model (left padding shifts them), so a padded
     # row computes what it would alone.
@@ -191,26 +246,12 @@ def generate_tokens(
         cache.rope_deltas = rope_deltas
     all_ids = input_ids
     embeds = inputs_embeds
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     for step in range(max_new_tokens):
-        scores = process_logits(out.logits[:, -1].float(), seen, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty)
-        if do_sample:
-            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        token = token.masked_fill(finished, pad_token_id)
+        token = picker.pick(out.logits[:, -1])
         yield token
-        finished |= torch.isin(token, eos)
-        if stops:
-            hits = stops.update(token.tolist(), finished.tolist())
-            finished |= torch.tensor(hits, dtype=torch.bool, device=device)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if picker.update(token) or step == max_new_tokens - 1:
             return
-        if seen is not None:
-            seen[torch.arange(batch, device=device), token] = True
         total = length + step + 1
         mask = full_mask[:, :total] if padded else None
         if use_cache:
@@ -270,40 +311,71 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         stops = self.stop_strings
-        eos = set(_eos_ids(self.model, self.kwargs.get("eos_token_id")))
+        pieces = TextPieces(self.tokenizer, _eos_ids(self.model, self.kwargs.get("eos_token_id")),
+                            stops)
         steps = generate_tokens(self.model, self.input_ids, tokenizer=self.tokenizer,
                                 stop_strings=stops, **self.kwargs)
-        ids: list[int] = []
-        emitted = 0
         self.finish_reason = "length"
         try:
             for token in steps:
-                value = int(token[0])
                 self.tokens += 1
-                if value in eos:
+                piece = pieces.push(int(token[0]))
+                if pieces.stopped:
                     self.finish_reason = "stop"
                     break
-                ids.append(value)
-                text = self.tokenizer.decode(ids)
-                if text.endswith("\ufffd"):
-                    continue  # the rest of a multi-byte character comes with the next token
-                if _stop_index(text, stops) is not None:
-                    self.finish_reason = "stop"
-                    break
-                safe = len(text) - _partial_stop_length(text, stops)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
+                if piece:
+                    yield piece
                 if self.cancel is not None and self.cancel.is_set():
                     self.finish_reason = "cancelled"
                     break
         finally:
             steps.close()
-        text = self.tokenizer.decode(ids) if ids else ""
-        cut = _stop_index(text, stops)
+        rest = pieces.finish()
+        self.text = pieces.text
+        if rest:
+            yield rest
+
+
+class TextPieces:
+    """The text of one sequence's generated tokens, pushed one at a time, in pieces safe to show
+    at once: a piece is held back while it ends in an incomplete UTF-8 character or could be the
+    start of a stop string; text from a stop string on is never given. :class:`TextStream` and
+    the continuous-batching server (:mod:`imagefm.serve.continuous`) write replies with it."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int],
+                 stop_strings: Sequence[str] = ()) -> None:
+        self.tokenizer, self.eos, self.stops = tokenizer, set(eos_ids), tuple(stop_strings)
+        self.ids: list[int] = []
+        self.emitted = 0  # characters given out so far
+        self.stopped = False  # an end token or a stop string came: no more text
+        self.text = ""  # the whole reply, once finish() is called
+
+    def push(self, token: int) -> str:
+        """The new piece of text after ``token`` ("" while held back or once ``stopped``)."""
+        if token in self.eos:
+            self.stopped = True
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # the rest of a multi-byte character comes with the next token
+        if _stop_index(text, self.stops) is not None:
+            self.stopped = True
+            return ""
+        safe = len(text) - _partial_stop_length(text, self.stops)
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def finish(self) -> str:
+        """The text held back at the end (once no token follows); sets ``text``."""
+        text = self.tokenizer.decode(self.ids) if self.ids else ""
+        cut = _stop_index(text, self.stops)
         self.text = text if cut is None else text[:cut]
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
+        rest = self.text[self.emitted:]
+        self.emitted = max(self.emitted, len(self.text))
+        return rest
 
 
 def stream_text(model: Any, tokenizer: Any, input_ids: torch.Tensor, *,

@@ -54,6 +54,10 @@ GGUF_TYPES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF types kept
 # Above this many input rows (a prompt, not a decoding step) the layer dequantises its weight
 # once and lets the BLAS multiply: the kernel re-unpacks the blocks for every row.
 KERNEL_MAX_ROWS = 8
+# A decoding step of many sequences at once ([B, 1, in], continuous batching) stays on the kernel
+# up to this many rows: as fast as dequantising up to ~32 rows, and each row's result is the one
+# it gets alone (the kernel computes every row the same way), so batching changes no token.
+KERNEL_MAX_DECODE_ROWS = 32
 
 # --- the kernel ----------------------------------------------------------------------------------
 
@@ -463,7 +467,8 @@ class QuantizedLinear(nn.Module):
         qweight, scales, bias = buffers["qweight"], buffers["scales"], buffers["bias"]
         library = _kernel if _kernel is not None else kernel()
         rows = x.numel() // self.in_features
-        if (library is None or rows > KERNEL_MAX_ROWS or x.device.type != "cpu"
+        limit = KERNEL_MAX_DECODE_ROWS if x.dim() == 3 and x.shape[1] == 1 else KERNEL_MAX_ROWS
+        if (library is None or rows > limit or x.device.type != "cpu"
                 or (x.requires_grad and torch.is_grad_enabled())):
             # prompts, gradients, other devices: the same weights through F.linear
             y = F.linear(x, self.dequantize(x.dtype))

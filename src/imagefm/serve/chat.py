@@ -2,18 +2,23 @@
 LLaVA-OneVision, Idefics3 / SmolVLM) or language model (OpenAI's chat API).
 
     request ─► messages checked (text, image_url parts) ─► images fetched or read, decoded and
-    the prompt tokenised on the prompt pool ─► one generation at a time on the generation
-    thread ─► a ``chat.completion``, or ``text/event-stream`` ``chat.completion.chunk`` events
-    ending in ``data: [DONE]``
+    the prompt tokenised on the prompt pool ─► decoded on the generation thread, together with
+    the other requests being answered (continuous batching, :mod:`imagefm.serve.continuous`:
+    ``chat_slots`` at once; ``chat_slots=1``: one reply at a time) ─► a ``chat.completion``, or
+    ``text/event-stream`` ``chat.completion.chunk`` events ending in ``data: [DONE]``
 
 Generation never runs on the event loop, so health checks and new requests are answered while a
-reply is being written. An ``image_url`` is a ``data:`` URL, or, where the settings allow it,
-an http(s) URL of a listed host or a file in the image folder (:mod:`imagefm.serve.image_sources`:
-by default the server fetches and reads nothing). A message may hold several images; they are
-placed before its text (``<image>\nquestion``, the training format).
-A client that goes away mid-stream stops its generation at the next token. Errors use the app's
-JSON format: 400 bad input, 404 unknown model, 413 over a limit, 422 malformed request, 503 too
-many chat requests waiting, 504 waited longer than ``timeout_s`` for its turn.
+reply is being written. Each request is decoded as it would be alone (its own cache, options
+and seed): the same tokens (bit for bit with quantised layers; float32 BLAS may round a batch's
+rows differently in the last bit). An ``image_url`` is a ``data:`` URL, or, where the settings
+allow it, an http(s) URL of a listed host or a file in the image folder
+(:mod:`imagefm.serve.image_sources`: by default the server fetches and reads nothing). A message
+may hold several images; they are placed before its text (``<image>\nquestion``, the training
+format).
+A client that goes away mid-stream stops its generation at the next token (its slot goes to the
+next request waiting). Errors use the app's JSON format: 400 bad input, 404 unknown model, 413
+over a limit, 422 malformed request, 429 (with ``Retry-After``) ``max_chat_queue`` requests
+already decoding or waiting, 504 waited longer than ``timeout_s`` for a slot.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from imagefm.apps.vlm_chat import (
 from imagefm.serve import schemas
 from imagefm.serve.app import ApiError, model_checker, new_app, v1_router
 from imagefm.serve.batching import QueueFullError
+from imagefm.serve.continuous import ContinuousBatcher
 from imagefm.serve.engine import BadInput
 from imagefm.serve.image_sources import ImageSource, image_source
 from imagefm.serve.settings import ServeSettings
@@ -58,7 +64,8 @@ _STARTED, _END = object(), object()
 
 class Generation:
     """One reply generated on the worker thread, read on the event loop as an async iterator of
-    text pieces; ``reply`` holds the counts once it is done."""
+    text pieces; ``reply`` holds the counts once it is done. The worker calls ``begin``, ``emit``
+    and ``end`` (the :class:`~imagefm.serve.continuous.Sink` of the continuous batcher)."""
 
     def __init__(self, reply: Reply, loop: asyncio.AbstractEventLoop) -> None:
         self.reply = reply
@@ -71,17 +78,29 @@ class Generation:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    def begin(self) -> None:
+        self._put(_STARTED)
+
+    def emit(self, piece: str) -> None:
+        self._put(piece)
+
+    def end(self, error: Exception | None = None) -> None:
+        if error is not None:  # reported to the request, which logs it
+            self._put(error)
+        self._put(_END)
+
     def run(self) -> None:
-        """The worker thread's part."""
+        """The worker thread's part, one reply at a time (``chat_slots=1``)."""
         if self.cancel.is_set():  # the request gave up while waiting for its turn
             return
-        self._put(_STARTED)
+        self.begin()
         try:
             for piece in self.reply:
-                self._put(piece)
-        except Exception as err:  # reported to the request, which logs it
-            self._put(err)
-        self._put(_END)
+                self.emit(piece)
+        except Exception as err:
+            self.end(err)
+            return
+        self.end()
 
     async def started(self, timeout: float) -> None:
         """Wait until the worker takes this generation up (TimeoutError after ``timeout``)."""
@@ -108,8 +127,8 @@ class Generation:
 
 
 class ChatEngine:
-    """The model behind the chat route: prompts built on a small pool, generation on one thread,
-    at most ``max_chat_queue`` requests admitted at a time."""
+    """The model behind the chat route: prompts built on a small pool, generation on one thread
+    (``chat_slots`` replies decoded together), at most ``max_chat_queue`` requests admitted."""
 
     def __init__(self, model: Any, processor: Any, settings: ServeSettings) -> None:
         self.model = model.eval()
@@ -120,12 +139,18 @@ class ChatEngine:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="imagefm-generate")
         self.prompt_pool = ThreadPoolExecutor(settings.decode_threads,
                                               thread_name_prefix="imagefm-prompt")
+        self.batcher = None
+        if settings.chat_slots > 1:
+            self.batcher = ContinuousBatcher(model, slots=settings.chat_slots,
+                                             max_queue=settings.max_chat_queue)
         self._lock = threading.Lock()
-        self.active = 0  # admitted: generating or waiting for the worker
+        self.active = 0  # admitted: generating or waiting for the worker (one at a time)
         self.requests = 0
         self.completion_tokens = 0
 
     async def stop(self) -> None:
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.prompt_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -171,14 +196,22 @@ class ChatEngine:
             raise BadInput(f"messages: {err}") from None
 
     async def generate(self, prompt: Prompt, options: GenerationOptions) -> Generation:
-        """Admit the request (503 when too many wait), queue it on the worker and wait for its
-        turn (504 after ``timeout_s``)."""
+        """Admit the request (429 when ``max_chat_queue`` are decoding or waiting), queue it and
+        wait for its turn (504 after ``timeout_s``)."""
+        generation = Generation(Reply(self.model, prompt, options), asyncio.get_running_loop())
+        if self.batcher is not None:
+            try:
+                self.batcher.submit(generation.reply, generation)
+            except QueueFullError as err:
+                raise _too_many(err) from None
+            self.requests += 1
+            await generation.started(self.settings.timeout_s)
+            return generation
         with self._lock:
             if self.active >= self.settings.max_chat_queue:
-                raise QueueFullError(f"{self.active} chat requests are generating or waiting")
+                raise _too_many(f"{self.active} chat requests are generating or waiting")
             self.active += 1
             self.requests += 1
-        generation = Generation(Reply(self.model, prompt, options), asyncio.get_running_loop())
 
         def job() -> None:
             try:
@@ -198,8 +231,18 @@ class ChatEngine:
         return generation
 
     def health(self) -> dict[str, Any]:
-        return {"active": self.active, "max_queue": self.settings.max_chat_queue,
-                "requests": self.requests, "completion_tokens": self.completion_tokens}
+        if self.batcher is None:
+            return {"active": self.active, "max_queue": self.settings.max_chat_queue,
+                    "requests": self.requests, "completion_tokens": self.completion_tokens}
+        return {"active": self.batcher.admitted, "max_queue": self.settings.max_chat_queue,
+                "requests": self.requests, "completion_tokens": self.batcher.completion_tokens,
+                "batching": self.batcher.stats()}
+
+
+def _too_many(why: object) -> ApiError:
+    """429: the client should retry (OpenAI's clients do, after ``Retry-After``)."""
+    return ApiError(429, f"the server is busy ({why}); retry shortly", "rate_limit_error",
+                    {"Retry-After": "1"})
 
 
 def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: str) -> FastAPI:

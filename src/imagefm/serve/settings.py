@@ -30,11 +30,14 @@ class ServeSettings:
     decode_threads: int = 4  # image decoding runs beside the model thread
     precision: str = "fp32"  # the model's forward passes: fp32, or bf16 (bfloat16 autocast)
     classifier_cache: int = 32  # label sets whose text embeddings are kept
-    # Chat completions (a served VLM or LM): one generation at a time on one worker thread.
+    # Chat completions (a served VLM or LM), decoded on one worker thread with continuous
+    # batching (serve/continuous.py): up to chat_slots replies decode together, one token each
+    # per step; chat_slots=1 answers one request at a time.
+    chat_slots: int = 8
     max_new_tokens: int = 512  # most tokens one reply may generate (the default when unasked)
     max_chat_images: int = 8  # images in one chat request
     max_prompt_chars: int = 100_000  # text in one chat request, checked before tokenising
-    max_chat_queue: int = 8  # chat requests generating or waiting before answering 503
+    max_chat_queue: int = 32  # chat requests decoding or waiting before answering 429
     # Where chat images may come from besides data: URLs (serve/image_sources.py): hosts whose
     # http(s) image URLs are fetched ("*": any host, which lets clients make the server reach
     # whatever it can reach) and a folder whose files image_url may name. Neither by default.
@@ -44,7 +47,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_request_bytes", "max_image_pixels",
                      "max_inputs", "max_text_chars", "max_labels", "max_k", "decode_threads",
-                     "max_new_tokens", "max_chat_images", "max_prompt_chars", "max_chat_queue"):
+                     "max_new_tokens", "max_chat_images", "max_prompt_chars", "max_chat_queue",
+                     "chat_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.timeout_s <= 0:
