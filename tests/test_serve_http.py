@@ -124,7 +124,7 @@ def test_concurrent_clients_are_batched_only_when_enabled(max_batch: int) -> Non
         assert max(model.image_calls) <= 16
 
 
-def test_timeout_is_504_and_a_full_queue_is_503() -> None:
+def test_timeout_is_504_and_a_full_queue_is_429() -> None:
     model = SlowColourModel(delay=0.5)
     settings = ServeSettings(max_batch=1, max_queue=1, timeout_s=0.2)
     url = "data:image/png;base64," + base64.b64encode(image_bytes("red")).decode()
@@ -136,8 +136,8 @@ def test_timeout_is_504_and_a_full_queue_is_503() -> None:
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(post, range(6)))
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) <= {200, 503, 504} and 504 in codes and 503 in codes, codes
-        busy = next(r for r in responses if r.status_code == 503)
+        assert set(codes) <= {200, 429, 504} and 504 in codes and 429 in codes, codes
+        busy = next(r for r in responses if r.status_code == 429)
         assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]["message"]
         late = next(r for r in responses if r.status_code == 504)
         assert "timed out" in late.json()["error"]["message"]

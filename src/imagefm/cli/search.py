@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, help="Dynamic batching: most requests per forward "
                                                "pass (1 turns batching off)."),
         max_wait_ms: float = typer.Option(5.0, help="Longest a request waits for company."),
-        max_queue: int = typer.Option(1024, help="Queued inputs before answering 503."),
+        max_queue: int = typer.Option(1024, help="Queued inputs before answering 429."),
         timeout: float = typer.Option(30.0, help="Seconds a request may wait for the model."),
         chat_slots: int = typer.Option(8, help="Chat: replies decoded together, admitted and "
                                                "retired at every step (1: one at a time)."),

@@ -11,8 +11,9 @@
 
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with the matching status: 400 bad
 input, 401 missing/wrong key, 404 unknown model/image/route, 413 too large, 422 malformed
-request, 503 queue full, 504 timed out. Files are only ever served by id from the index (no path
-in any URL is opened), after checking that they still lie inside the indexed folder.
+request, 429 queue full (with Retry-After), 504 timed out. Files are only ever served by id from
+the index (no path in any URL is opened), after checking that they still lie inside the indexed
+folder.
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, err: QueueFullError) -> JSONResponse:
-        return _error(503, f"the server is busy ({err}); retry shortly", "overloaded_error",
+        return _error(429, f"the server is busy ({err}); retry shortly", "overloaded_error",
                       {"Retry-After": "1"})
 
     @app.exception_handler(TimeoutError)

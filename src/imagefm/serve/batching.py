@@ -6,9 +6,10 @@ since that first item, and runs the batch function on the model thread. While a 
 items queue up, so under load batches fill without any waiting at all; when idle, a lone request
 waits at most ``max_wait``. ``max_batch=1`` is one-request-at-a-time (the baseline).
 
-The queue is bounded: a full queue refuses at once (``QueueFullError`` → HTTP 503) rather than
-letting latency grow without limit, and every wait has a timeout (``TimeoutError`` → 504). An
-item whose request gave up (timeout, client gone) is skipped, not computed.
+The queue is bounded: a full queue refuses at once (``QueueFullError`` → HTTP 429 with
+Retry-After) rather than letting latency grow without limit, and every wait has a timeout
+(``TimeoutError`` → 504). An item whose request gave up (timeout, client gone) is skipped, not
+computed.
 """
 
 from __future__ import annotations

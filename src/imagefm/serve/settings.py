@@ -18,7 +18,7 @@ class ServeSettings:
     # Dynamic batching (max_batch=1 turns it off: one request at a time on the model).
     max_batch: int = 32
     max_wait_ms: float = 5.0
-    max_queue: int = 1024  # items waiting per batcher before requests are refused (503)
+    max_queue: int = 1024  # items waiting per batcher before requests are refused (429)
     timeout_s: float = 30.0  # longest a request waits for the model (504 after)
     # Input limits.
     max_request_bytes: int = 16 * 2**20  # whole request body (413 above)
