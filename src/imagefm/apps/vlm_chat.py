@@ -169,32 +169,37 @@ class Reply:
         room = context_length(self.model) - self.prompt_tokens
         return max(0, min(self.options.max_new_tokens, room))
 
-    def __iter__(self) -> Iterator[str]:
-        if self._started:
-            raise RuntimeError("a Reply can be iterated only once")
-        self._started = True
+    def decoding_arguments(self) -> dict[str, Any]:
+        """Everything decoding this reply takes, as keyword arguments of ``TextStream`` (and of
+        the server's ``BatchDecoder.add``): the prompt (a VLM's vision tower runs here, once;
+        decoding then only sees embeddings and, for Qwen-VL, the M-RoPE positions of the prompt
+        and the deltas that continue them), length, end tokens, stop strings, sampling."""
         lm = language_model(self.model)
         options = self.options
         eos_ids, template_stops = chat_stops(lm)
-        stops = tuple(template_stops) + options.stop
-        tokenizer = lm.tokenizer
         device = lm.embed_tokens.weight.device
         input_ids = self.prompt.input_ids.to(device)
         extra: dict[str, Any] = {}
         if is_vlm(self.model):
-            # The vision tower runs once, here; decoding then only sees embeddings (and, for
-            # Qwen-VL, the M-RoPE positions of the prompt and the deltas that continue them).
             extra = generation_inputs(self.model, {"input_ids": input_ids,
                                                    **self.prompt.inputs})
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=device).manual_seed(options.seed)
-        stream = TextStream(
-            lm, tokenizer, input_ids, **extra, max_new_tokens=self.max_new_tokens,
-            do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
-            top_k=options.top_k, top_p=options.top_p,
-            repetition_penalty=options.repetition_penalty, eos_token_id=eos_ids,
-            stop_strings=stops, generator=generator, cancel=self.cancel)
+        return {"input_ids": input_ids, **extra, "max_new_tokens": self.max_new_tokens,
+                "do_sample": options.temperature > 0, "temperature": options.temperature or 1.0,
+                "top_k": options.top_k, "top_p": options.top_p,
+                "repetition_penalty": options.repetition_penalty, "eos_token_id": eos_ids,
+                "stop_strings": tuple(template_stops) + options.stop, "generator": generator}
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a Reply can be iterated only once")
+        self._started = True
+        lm = language_model(self.model)
+        arguments = self.decoding_arguments()
+        stream = TextStream(lm, lm.tokenizer, arguments.pop("input_ids"), **arguments,
+                            cancel=self.cancel)
         try:
             yield from stream
         finally:

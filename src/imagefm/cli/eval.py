@@ -89,9 +89,9 @@ def with_known_translations(classes: Any, langs: list[str]) -> Any:
     return classes
 
 
-def _run_zeroshot(model: Any, processor: Any, data: Path, langs: list[str], classes_file:
-                  Path | None, split: str | None, limit: int | None, batch_size: int
-                  ) -> list[dict[str, Any]]:
+def run_zeroshot_eval(model: Any, processor: Any, data: Path, langs: list[str],
+                      classes_file: Path | None, split: str | None, limit: int | None,
+                      batch_size: int) -> list[dict[str, Any]]:
     from imagefm.data.formats import SkipCounter
     from imagefm.eval.templates import resolve_classnames
     from imagefm.eval.zeroshot import evaluate_records
@@ -191,7 +191,7 @@ def register(app: typer.Typer) -> None:
             results = run_suites(model, processor, names, langs or list(LANGS), n, seed,
                                  batch_size=batch_size)
         elif suite == "zeroshot":
-            results = _run_zeroshot(model, processor, data, langs or ["en", "ko"], classes,
+            results = run_zeroshot_eval(model, processor, data, langs or ["en", "ko"], classes,
                                     split, limit, batch_size)
         else:
             results = _run_retrieval(model, processor, data, langs, split, limit, batch_size)

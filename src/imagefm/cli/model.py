@@ -182,10 +182,10 @@ def _report_int8(out: Path, suites: list[str], eval_data: Path | None, classes: 
     langs = [x.strip() for x in lang.split(",") if x.strip()]
     evaluate = None
     if eval_data is not None:
-        from imagefm.cli.eval import _run_zeroshot
+        from imagefm.cli.eval import run_zeroshot_eval
 
         def evaluate(model: Any, processor: Any) -> list[dict[str, Any]]:
-            return _run_zeroshot(model, processor, eval_data, langs, classes, None, n, 64)
+            return run_zeroshot_eval(model, processor, eval_data, langs, classes, None, n, 64)
     else:
         unknown = [s for s in suites if s not in SUITES]
         if unknown:

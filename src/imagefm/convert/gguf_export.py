@@ -52,7 +52,8 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['ro
                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def _gguf() -> Any:
+def gguf_package() -> Any:
+    """The `gguf` package (llama.cpp's reader and writer), or a one-line error naming it."""
     try:
         import gguf
     except ImportError:
@@ -159,7 +160,7 @@ def gguf_tensors(model: DecoderLM, quant: str = "f16", head: str | None = None
                  ) -> Iterator[tuple[str, np.ndarray, str]]:
     """``(name, data, GGML type name)`` of every tensor of the file, in llama.cpp's order.
     ``data`` is float32 / float16 values, or the quantised blocks as bytes [rows, row bytes]."""
-    gguf = _gguf()
+    gguf = gguf_package()
     arch = check_exportable(model)
     layer_type, head_type = (t.upper() for t in _matrix_types(quant, head))
     key_map = gguf_key_map(model.config, arch)
@@ -191,7 +192,7 @@ def gguf_tensors(model: DecoderLM, quant: str = "f16", head: str | None = None
 # --- metadata ------------------------------------------------------------------------------------
 
 def _add_config(writer: Any, model: DecoderLM, quant: str, name: str | None) -> None:
-    gguf = _gguf()
+    gguf = gguf_package()
     c = model.config
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
                   "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
@@ -225,7 +226,7 @@ def export_gguf(model: DecoderLM, path: str | Path, *, quant: str = "f16",
     written whole or not at all. Raises :class:`CheckpointError` for a model llama.cpp cannot
     run, naming what stands in the way, before anything is written.
     """
-    gguf = _gguf()
+    gguf = gguf_package()
     arch = check_exportable(model)
     _matrix_types(quant, head)
     tokenizer = getattr(model, "tokenizer", None)

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from imagefm.checkpoint import CheckpointError, atomic_write
-from imagefm.convert.gguf_export import _gguf, check_exportable, export_gguf
+from imagefm.convert.gguf_export import check_exportable, export_gguf, gguf_package
 from imagefm.models.vlm import VLM
 
 PROJECTOR_TYPE = "mlp"
@@ -165,7 +165,7 @@ def mmproj_tensors(vlm: VLM, dtype: str = "f16") -> Iterator[tuple[str, np.ndarr
 # --- the file ------------------------------------------------------------------------------------
 
 def _add_metadata(writer: Any, vlm: VLM, dtype: str, name: str | None) -> None:
-    gguf = _gguf()
+    gguf = gguf_package()
     c, v = vlm.config, vlm.config.vision
     writer.add_name(name or "imagefm vlm vision tower")
     writer.add_file_type(int(gguf.LlamaFileType["MOSTLY_F16" if dtype == "f16" else "ALL_F32"]))
@@ -192,7 +192,7 @@ def export_mmproj(vlm: VLM, path: str | Path, *, dtype: str = "f16",
     """Write ``vlm``'s vision tower and projector as a llama.cpp mmproj GGUF file (projector
     type ``mlp``); ``dtype``: ``f16`` or ``f32``; ``name``: ``general.name``. Written whole or not
     at all; raises :class:`CheckpointError` before writing for what llama.cpp cannot run."""
-    gguf = _gguf()
+    gguf = gguf_package()
     check_mmproj_exportable(vlm)
     tensors = list(mmproj_tensors(vlm, dtype))
 
@@ -236,7 +236,7 @@ def describe_mmproj_export(path: str | Path) -> str:
     """One line about a written mmproj file: projector type, tower, tensors per type, size."""
     from collections import Counter
 
-    gguf = _gguf()
+    gguf = gguf_package()
     reader = gguf.GGUFReader(str(path))
 
     def value(key: str) -> Any:

@@ -32,11 +32,9 @@ from typing import Any, Protocol
 import torch
 
 from imagefm.apps.vlm_chat import Reply, language_model
-from imagefm.chat import chat_stops
 from imagefm.models.batched_decode import BatchDecoder, DecodeRow
 from imagefm.models.generation import TextPieces
 from imagefm.serve.batching import QueueFullError
-from imagefm.vlm_runtime import generation_inputs, is_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +173,8 @@ class ContinuousBatcher:
         request.sink.begin()
         started = time.perf_counter()
         try:
-            arguments = _decode_arguments(self.model, request.reply)
+            arguments = {**request.reply.decoding_arguments(),
+                         "tokenizer": self.lm.tokenizer}
             request.pieces = TextPieces(self.lm.tokenizer, arguments["eos_token_id"],
                                         arguments["stop_strings"])
             request.row = self.decoder.add(**arguments, tag=request)
@@ -229,25 +228,3 @@ class ContinuousBatcher:
         with self._cond:
             self._admitted -= 1
         request.sink.end(error)
-
-
-def _decode_arguments(model: Any, reply: Reply) -> dict[str, Any]:
-    """What :meth:`BatchDecoder.add` needs to decode ``reply`` as ``Reply.__iter__`` would: the
-    prompt (a VLM's vision tower run here, once), length, end tokens, stop strings, sampling."""
-    lm = language_model(model)
-    options = reply.options
-    eos_ids, template_stops = chat_stops(lm)
-    device = lm.embed_tokens.weight.device
-    input_ids = reply.prompt.input_ids.to(device)
-    extra = {}
-    if is_vlm(model):
-        extra = generation_inputs(model, {"input_ids": input_ids, **reply.prompt.inputs})
-    generator = None
-    if options.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(options.seed)
-    return {"input_ids": input_ids, **extra, "max_new_tokens": reply.max_new_tokens,
-            "do_sample": options.temperature > 0, "temperature": options.temperature or 1.0,
-            "top_k": options.top_k, "top_p": options.top_p,
-            "repetition_penalty": options.repetition_penalty, "eos_token_id": eos_ids,
-            "stop_strings": tuple(template_stops) + options.stop, "tokenizer": lm.tokenizer,
-            "generator": generator}
