@@ -137,7 +137,10 @@ def build_eval_loader(config: TrainConfig, model: nn.Module, info: DistInfo
     if config.eval.data is None:
         return None
     held_out = eval_data_config(config)
-    return get_data_source(held_out.data.source)(held_out, model, info)
+    try:
+        return get_data_source(held_out.data.source)(held_out, model, info)
+    except ConfigError as err:  # the source speaks of data.*: here it is the held-out data
+        raise ConfigError(f"eval.data = {config.eval.data!r} (held-out data): {err}") from None
 
 
 def model_from_checkpoint(checkpoint: str | Path, *, merge: bool = True) -> nn.Module:
