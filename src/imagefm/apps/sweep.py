@@ -36,6 +36,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from imagefm.apps.sweep_report import write_report
 from imagefm.config import ConfigError, check_choice
 from imagefm.train import launch
 from imagefm.train.config import TrainConfig, load_config, parse_override, set_dotted
@@ -395,7 +396,6 @@ def run_sweep(config: str | Path | TrainConfig | None, params: Sequence[str | Pa
     finally:
         optuna.logging.set_verbosity(verbosity)
     if report:
-        from imagefm.apps.sweep_report import write_report
 
         echo(f"report: {write_report(sweep, out)}")
     return sweep
@@ -413,7 +413,6 @@ def rewrite_report(config: str | Path | TrainConfig | None, overrides: Sequence[
                    study: str = "sweep", storage: str | None = None,
                    out: str | Path | None = None) -> Path:
     """Write the report of an existing study again (e.g. while other machines still run it)."""
-    from imagefm.apps.sweep_report import write_report
 
     out, storage = locations(base_config(config, overrides), out, storage)
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from imagefm.checkpoint import CheckpointError, atomic_write
-from imagefm.convert.gguf import ARCHITECTURES, gguf_key_map
+from imagefm.convert.gguf import ARCHITECTURES, gguf_key_map, read_gguf
 from imagefm.convert.gguf_vocab import tokenizer_metadata
 from imagefm.convert.llama import config_to_hf_lm
 from imagefm.models.decoder import DecoderLM, rope_inverse_frequencies
@@ -261,7 +261,6 @@ def describe_gguf_export(path: str | Path) -> str:
     vocabulary, size."""
     from collections import Counter
 
-    from imagefm.convert.gguf import read_gguf
 
     file = read_gguf(path)
     types = Counter(t.type_name for t in file.tensors.values())

@@ -42,6 +42,7 @@ from imagefm.config import ConfigError
 from imagefm.convert.onnx_quantize import INT8_MODES, Calibration, int8_path, quantize_int8
 from imagefm.models import layers
 from imagefm.models.dual_encoder import DualEncoder
+from imagefm.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_JSON
 
 IMAGE_GRAPH = "image_encoder.onnx"
 TEXT_GRAPH = "text_encoder.onnx"
@@ -224,7 +225,6 @@ def save_onnx(proto: Any, path: Path) -> Path:
 
 
 def _tokenizer_file(tokenizer: Any) -> str:
-    from imagefm.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_JSON
 
     return SENTENCEPIECE_FILE if tokenizer.settings()["backend"] == "sentencepiece" \
         else TOKENIZER_JSON

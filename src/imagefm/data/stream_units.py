@@ -43,7 +43,7 @@ from imagefm.data.formats import (
     text_captions,
 )
 from imagefm.data.records import Record
-from imagefm.data.shards import is_remote
+from imagefm.data.shards import SPLIT_NAMES, is_remote
 
 FORMATS = ("auto", "shards", "csv", "hf")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -406,7 +406,6 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
 def _split_of(relative: Path) -> str | None:
     """The split a parquet file's path names, as the Hub lays them out: ``train/x.parquet``,
     ``data/train-00000-of-00002.parquet``."""
-    from imagefm.data.shards import SPLIT_NAMES
 
     for name in (*relative.parent.parts, relative.name):
         for split in SPLIT_NAMES:

@@ -45,11 +45,14 @@ from imagefm.apps.zeroshot import ZeroShotClassifier, embed_images, embed_texts
 from imagefm.config import ConfigError
 from imagefm.data.formats import SkipCounter, read_shards
 from imagefm.data.image import ImageDecodeError, open_image
+from imagefm.data.recipes.cifar10 import KOREAN
 from imagefm.data.records import Record
 from imagefm.data.shards import expand_shard_spec
+from imagefm.data.synthetic.vocab import class_names
 from imagefm.eval.metrics import classification_metrics
 from imagefm.eval.retrieval import EmbeddedCaptions, retrieval_metrics
 from imagefm.eval.templates import available_languages
+from imagefm.processor import Processor
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +117,6 @@ def class_names_in(lang: str, names: Sequence[str]) -> list[str] | None:
 def _translations(lang: str) -> dict[str, str]:
     if lang != "ko":
         return {}
-    from imagefm.data.recipes.cifar10 import KOREAN
-    from imagefm.data.synthetic.vocab import class_names
 
     return {**KOREAN, **class_names("colour", "ko"), **class_names("shape", "ko")}
 
@@ -135,7 +136,6 @@ class HeldOutEvaluator:
             raise ConfigError("eval.data: retrieval and zero-shot evaluation need a dual encoder "
                               "with its tokenizer, and this model has none: start from a "
                               "checkpoint (model.init) or a preset that brings one")
-        from imagefm.processor import Processor
 
         self.processor = Processor.for_model(model)
         self.batch_size = batch_size

@@ -52,7 +52,6 @@ by default; the in-memory source groups the whole epoch's order instead.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +75,10 @@ from imagefm.train.conversations import Codec, codec_for, collate, conversation_
 from imagefm.train.data import (
     check_options,
     int_option,
-    micro_batch_size,
     register_data_source,
 )
 from imagefm.train.distributed import DistInfo
-from imagefm.train.stream_data import HELD_OUT_SPLIT, stream_options
+from imagefm.train.stream_data import HELD_OUT_SPLIT, stream_loader, stream_options
 
 # Options the stream source reads and checks (stream_options), and this source's own.
 STREAM_OPTIONS = ("shuffle_buffer", "streams", "resampled", "samples_per_epoch", "split",
@@ -231,18 +229,10 @@ def conversation_stream_source(config: TrainConfig, model: nn.Module, info: Dist
         except FileNotFoundError as err:
             raise ConfigError(f"data.path: {err}") from None
     codec = codec_for(model, SOURCE)
-    rows = micro_batch_size(config, info)
-    if config.data.num_workers > 0:  # workers fork after the main process tokenised
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return StreamLoader(
-        units, batch_size=rows * info.world_size, rank=info.rank, world_size=info.world_size,
-        num_workers=config.data.num_workers, streams=stream["streams"], seed=config.run.seed,
-        shuffle=not evaluation, shuffle_buffer=stream["shuffle_buffer"],
-        resampled=stream["resampled"] and not evaluation,
-        samples_per_epoch=None if evaluation else stream["samples_per_epoch"],
-        task="any", max_pixels=stream["max_pixels"], prepare=PrepareConversation(codec),
+    return stream_loader(
+        config, info, units, stream, task="any", prepare=PrepareConversation(codec),
         length=example_length, length_group=1 if evaluation else length_group,
-        collate=CollateConversations(codec), log=print if info.is_main else None)
+        collate=CollateConversations(codec))
 
 
 register_data_source(SOURCE, conversation_stream_source, held_out_option=True)

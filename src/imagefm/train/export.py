@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imagefm.checkpoint import atomic_write_text, write_model_card
+from imagefm.checkpoint import atomic_write_text, save_state_dict, write_model_card
 from imagefm.hub import parse_hub_id
 from imagefm.model_card import CARD_FILE
 from imagefm.train.config import TrainConfig
@@ -49,7 +49,6 @@ def save_weights(model: nn.Module, state: dict[str, torch.Tensor] | None,
     if state is None and hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
         return
-    from imagefm.checkpoint import save_state_dict
 
     save_state_dict(state if state is not None else model.state_dict(),
                     directory / "model.safetensors")

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 from imagefm.config import ConfigError
+from imagefm.data.augment import AugmentConfig, TrainTransform
+from imagefm.data.image import DEFAULT_MAX_PIXELS, ImageProcessor
 from imagefm.data.loader import Collate
 from imagefm.data.stream import StreamLoader
 from imagefm.data.stream_units import InputOptions, input_units
@@ -71,7 +73,6 @@ class Preprocess:
     """The model's evaluation preprocessing as a stream transform (the generator is unused)."""
 
     def __init__(self, card: Any, max_pixels: int | None = None) -> None:
-        from imagefm.data.image import DEFAULT_MAX_PIXELS, ImageProcessor
 
         if card.resize_mode == "naflex":
             raise ConfigError("data.source=stream gives square images; this model's card is "
@@ -88,8 +89,6 @@ def image_transform(card: Any, augment: dict[str, Any] | None, max_pixels: int |
     """``TrainTransform(card, AugmentConfig.from_dict(augment))``, or ``Preprocess(card)``."""
     if augment is None:
         return Preprocess(card, max_pixels)
-    from imagefm.data.augment import AugmentConfig, TrainTransform
-    from imagefm.data.image import DEFAULT_MAX_PIXELS
 
     if not isinstance(augment, dict):
         raise ConfigError(f"data.options.augment must be a mapping of augmentation settings "
@@ -146,7 +145,7 @@ def stream_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> Stre
                           "training; a VLM (task.name=vlm) streams its conversations with "
                           "data.source=conversation-stream")
     options = stream_options(config)
-    rows = micro_batch_size(config, info)
+    micro_batch_size(config, info)  # an indivisible batch is refused before any reading
     tokenizer = model_tokenizer(model, "stream")
     evaluation = options["held_out"]
     reading = options["input"]
@@ -158,20 +157,31 @@ def stream_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> Stre
         raise ConfigError(f"data.path: {err}") from None
     transform = image_transform(model.card, None if evaluation else options["augment"],
                                 options["max_pixels"])
+    return stream_loader(
+        config, info, units, options, task="caption", languages=options["langs"],
+        transform=transform,
+        collate=Collate(tokenizer=tokenizer, lang=options["langs"], seed=config.run.seed))
+
+
+def stream_loader(config: TrainConfig, info: DistInfo, units: list[Any], options: dict[str, Any],
+                  **task_settings: Any) -> StreamLoader:
+    """The ``StreamLoader`` of a stream source: this rank's micro-batches of ``units`` with the
+    checked ``options`` (:func:`stream_options`); held-out data (``options["held_out"]``) is
+    read in order, neither resampled nor cut to an epoch length. ``task_settings`` (task,
+    transform, collate, prepare...) are the source's own."""
+    evaluation = options["held_out"]
     if config.data.num_workers > 0:
         # Workers fork after the main process tokenised: HF tokenizers would warn and turn
         # their threads off anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return StreamLoader(
-        units, batch_size=rows * info.world_size, rank=info.rank, world_size=info.world_size,
-        num_workers=config.data.num_workers, streams=options["streams"], seed=config.run.seed,
-        shuffle=not evaluation, shuffle_buffer=options["shuffle_buffer"],
+        units, batch_size=micro_batch_size(config, info) * info.world_size, rank=info.rank,
+        world_size=info.world_size, num_workers=config.data.num_workers,
+        streams=options["streams"], seed=config.run.seed, shuffle=not evaluation,
+        shuffle_buffer=options["shuffle_buffer"],
         resampled=options["resampled"] and not evaluation,
         samples_per_epoch=None if evaluation else options["samples_per_epoch"],
-        task="caption", languages=options["langs"], max_pixels=options["max_pixels"],
-        transform=transform,
-        collate=Collate(tokenizer=tokenizer, lang=options["langs"], seed=config.run.seed),
-        log=print if info.is_main else None)
+        max_pixels=options["max_pixels"], log=print if info.is_main else None, **task_settings)
 
 
 register_data_source("stream", stream_source, held_out_option=True)
