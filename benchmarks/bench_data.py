@@ -82,8 +82,7 @@ def stream(shards: Path, limit: int, size: int, workers: int, augment: bool,
 
     from imagefm.config import ImageCard
     from imagefm.data.loader import Collate
-    from imagefm.data.stream import StreamLoader
-    from imagefm.data.stream_units import input_units
+    from imagefm.data.stream import StreamLoader, input_units
     from imagefm.tokenizer import Tokenizer
     from imagefm.train.stream_data import image_transform
 

@@ -23,8 +23,8 @@ from imagefm.config import ConfigError
 from imagefm.data.formats import ShardWriter, read_shards, text_captions
 from imagefm.data.records import Caption, Record
 from imagefm.data.shards import expand_shard_spec
-from imagefm.data.stream import StreamLoader
-from imagefm.data.stream_units import InputOptions, detect_format, input_units
+from imagefm.data.stream import StreamLoader, detect_format, input_units
+from imagefm.data.stream_units import InputOptions
 
 
 def png(index: int, size: tuple[int, int] = (8, 6)) -> bytes:

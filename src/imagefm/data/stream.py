@@ -49,6 +49,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import count, islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +66,15 @@ from imagefm.data.loader import (
     check_record,
 )
 from imagefm.data.records import Record
-from imagefm.data.stream_units import Unit
+from imagefm.data.shards import expand_shard_spec, is_remote
+from imagefm.data.stream_hf import hf_units, metadata_file, saved_dataset
+from imagefm.data.stream_units import (
+    TABLE_SUFFIXES,
+    InputOptions,
+    ShardUnit,
+    Unit,
+    text_table_units,
+)
 
 __all__ = ["StreamLoader", "EpochLoader", "VirtualStreams", "derive_seed"]
 
@@ -360,3 +369,37 @@ class _Pass:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.loader.batches()
+
+
+# --- inputs -> units ------------------------------------------------------------------------------
+
+def input_units(spec: str | Path, options: InputOptions | None = None) -> list[Unit]:
+    """The units of one input: a shard spec, a CSV/TSV/JSONL file or a HF dataset (see above)."""
+    options = options or InputOptions()
+    fmt = options.format if options.format != "auto" else detect_format(str(spec))
+    if fmt == "shards":
+        return [ShardUnit(url, options.lang) for url in expand_shard_spec(spec, options.split)]
+    if fmt == "csv":
+        path = Path(spec)
+        return text_table_units(path, options.csv_img_key, options.csv_caption_key,
+                                options.csv_separator, options, base=path.parent)
+    return hf_units(Path(spec), options)
+
+
+def detect_format(spec: str) -> str:
+    """``shards``, ``csv`` or ``hf`` from what ``spec`` names."""
+    if "::" in spec or is_remote(spec) or "{" in spec:
+        return "shards"
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return "csv"
+    if path.suffix.lower() == ".parquet":
+        return "hf"
+    if path.is_dir():
+        if saved_dataset(path) or metadata_file(path, None) is not None or (
+                any(path.rglob("*.parquet")) and not any(path.rglob("*.tar"))):
+            return "hf"
+        splits = [d for d in path.iterdir() if d.is_dir() and metadata_file(d, None)]
+        if splits:
+            return "hf"
+    return "shards"

@@ -8,9 +8,10 @@ units, so splitting, shuffling and resuming are written once for all of them:
   --csv-separator "\\t"``; image paths relative to the file) and JSONL files: one unit per
   ``rows_per_unit`` rows, found by one pass over the file that keeps only the byte offset where
   each unit starts;
-* Hugging Face datasets: an ``imagefolder`` directory with ``metadata.jsonl``/``metadata.csv``
-  (``file_name`` + text columns), parquet files (one unit per row group) and a dataset saved
-  with ``save_to_disk`` (Arrow, memory-mapped; one unit per ``rows_per_unit`` rows).
+* Hugging Face datasets (imagefolder, parquet, ``save_to_disk``): ``imagefm.data.stream_hf``,
+  on the table rows of this module.
+
+``imagefm.data.stream.input_units`` picks the kind of an input and returns its units.
 
 A row becomes a ``Record`` through the unit's ``RowReader``: ``Columns`` (an image column and a
 caption column) for the inputs above; other readers make rows of other shapes into records
@@ -36,14 +37,12 @@ from imagefm.config import ConfigError
 from imagefm.data.formats import (
     RecordError,
     SkipCounter,
-    expand_shard_spec,
     parse_captions,
     read_shard,
     safe_key,
     text_captions,
 )
 from imagefm.data.records import Record
-from imagefm.data.shards import SPLIT_NAMES, is_remote
 
 FORMATS = ("auto", "shards", "csv", "hf")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -76,38 +75,6 @@ class InputOptions:
             raise ConfigError(f"format = {self.format!r}: choose one of {', '.join(FORMATS)}")
         if self.rows_per_unit < 1:
             raise ConfigError(f"rows_per_unit must be >= 1, got {self.rows_per_unit}")
-
-
-def input_units(spec: str | Path, options: InputOptions | None = None) -> list[Unit]:
-    """The units of one input: a shard spec, a CSV/TSV/JSONL file or a HF dataset (see above)."""
-    options = options or InputOptions()
-    fmt = options.format if options.format != "auto" else detect_format(str(spec))
-    if fmt == "shards":
-        return [ShardUnit(url, options.lang) for url in expand_shard_spec(spec, options.split)]
-    if fmt == "csv":
-        path = Path(spec)
-        return text_table_units(path, options.csv_img_key, options.csv_caption_key,
-                                options.csv_separator, options, base=path.parent)
-    return hf_units(Path(spec), options)
-
-
-def detect_format(spec: str) -> str:
-    """``shards``, ``csv`` or ``hf`` from what ``spec`` names."""
-    if "::" in spec or is_remote(spec) or "{" in spec:
-        return "shards"
-    path = Path(spec).expanduser()
-    if path.suffix.lower() in TABLE_SUFFIXES:
-        return "csv"
-    if path.suffix.lower() == ".parquet":
-        return "hf"
-    if path.is_dir():
-        if _saved_dataset(path) or _metadata_file(path, None) is not None or (
-                any(path.rglob("*.parquet")) and not any(path.rglob("*.tar"))):
-            return "hf"
-        splits = [d for d in path.iterdir() if d.is_dir() and _metadata_file(d, None)]
-        if splits:
-            return "hf"
-    return "shards"
 
 
 # --- tar shards ----------------------------------------------------------------------------------
@@ -307,7 +274,7 @@ def text_table_units(path: Path, image_key: str, text_key: str, separator: str |
         if separator is None:
             separator = "\t" if "\t" in header else ","
         fieldnames = tuple(next(csv.reader([header], delimiter=separator), []))
-        _check_columns(path, fieldnames, image_key, text_key, option_names)
+        check_columns(path, fieldnames, image_key, text_key, option_names)
         table = TextTable(str(path), False, separator, fieldnames)
     columns = Columns(image_key, text_key, str(base or path.parent), options.lang)
     return _offset_units(path, table, start, columns, options.rows_per_unit)
@@ -344,162 +311,10 @@ def _offset_units(path: Path, table: TextTable, start: int, reader: RowReader,
     return units
 
 
-def _check_columns(path: Path | str, names: Any, image_key: str, text_key: str,
+def check_columns(path: Path | str, names: Any, image_key: str, text_key: str,
                    option_names: tuple[str, str]) -> None:
     for key, what, option in ((image_key, "image", option_names[0]),
                               (text_key, "caption", option_names[1])):
         if key not in names:
             raise ConfigError(f"{path}: no {what} column {key!r} (columns: "
                               f"{', '.join(names)}); name it with {option}")
-
-
-# --- Hugging Face datasets -----------------------------------------------------------------------
-
-HF_OPTIONS = ("hf_image_column", "hf_text_column")
-
-
-def hf_units(path: Path, options: InputOptions) -> list[Unit]:
-    """Units of a HF dataset: a ``save_to_disk`` folder, parquet files (a file, a folder or a
-    glob) or an ``imagefolder`` with ``metadata.jsonl``/``metadata.csv``."""
-    path = path.expanduser()
-    if path.is_dir() and _saved_dataset(path):
-        return arrow_units(path, options)
-    metadata = _metadata_file(path, options.split) if path.is_dir() else None
-    if metadata is not None:  # HF's imagefolder: images named in the file_name column
-        return text_table_units(metadata, "file_name", options.hf_text_column, None, options,
-                                base=metadata.parent, option_names=("(file_name)",
-                                                                    "hf_text_column"))
-    files = _parquet_files(path, options.split)
-    if files:
-        return parquet_units(files, options)
-    raise FileNotFoundError(f"{path}: not a Hugging Face dataset (a save_to_disk folder, "
-                            f"parquet files or an imagefolder with {' or '.join(METADATA_FILES)})")
-
-
-def _saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def _metadata_file(directory: Path, split: str | None) -> Path | None:
-    for folder in ([directory / split] if split else []) + [directory]:
-        for name in METADATA_FILES:
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
-def _parquet_files(path: Path, split: str | None) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(path.rglob("*.parquet"))
-        named = [f for f in found if split and _split_of(f.relative_to(path)) == split]
-        if named or not any(_split_of(f.relative_to(path)) for f in found):
-            return named or found  # files named by split: only this one's
-        raise FileNotFoundError(f"no {split!r} parquet files in {path} (found "
-                                f"{', '.join(str(f.relative_to(path)) for f in found[:5])})")
-    import glob
-
-    return sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".parquet"))
-
-
-def _split_of(relative: Path) -> str | None:
-    """The split a parquet file's path names, as the Hub lays them out: ``train/x.parquet``,
-    ``data/train-00000-of-00002.parquet``."""
-
-    for name in (*relative.parent.parts, relative.name):
-        for split in SPLIT_NAMES:
-            if name == split or name.startswith((f"{split}-", f"{split}.")):
-                return split
-    return None
-
-
-@dataclass(frozen=True)
-class ParquetTable:
-    """A parquet file, read one row group (a unit) at a time in small record batches."""
-
-    path: str
-    columns: tuple[str, ...]
-
-    def rows(self, unit: RowsUnit) -> Iterator[dict[str, Any]]:
-        import pyarrow.parquet as pq
-
-        handle = pq.ParquetFile(self.path)
-        for batch in handle.iter_batches(batch_size=256, row_groups=[unit.where],
-                                         columns=list(self.columns)):
-            yield from batch.to_pylist()
-
-
-def _require(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"reading this Hugging Face dataset needs {module.split('.')[0]}: "
-                          "pip install 'imagefm[hf]'") from None
-
-
-def parquet_units(files: list[Path], options: InputOptions) -> list[Unit]:
-    """One unit per row group of each parquet file."""
-    pq = _require("pyarrow.parquet")
-
-    image, text = options.hf_image_column, options.hf_text_column
-    units: list[Unit] = []
-    for path in files:
-        handle = pq.ParquetFile(path)
-        metadata = handle.metadata
-        _check_columns(path, handle.schema_arrow.names, image, text, HF_OPTIONS)
-        table = ParquetTable(str(path), (image, text))
-        columns = Columns(image, text, str(path.parent), options.lang)
-        start = 0
-        for group in range(metadata.num_row_groups):
-            count = metadata.row_group(group).num_rows
-            if count:
-                units.append(RowsUnit(f"{path}:group{group}", table, columns, start, count,
-                                      group))
-            start += count
-    return units
-
-
-_OPENED: dict[str, Any] = {}  # datasets opened by this process (memory-mapped, not in RAM)
-
-
-@dataclass(frozen=True)
-class ArrowTable:
-    """A dataset saved with ``save_to_disk`` (memory-mapped Arrow), read in slices."""
-
-    path: str
-    columns: tuple[str, ...]
-
-    def dataset(self) -> Any:
-        if self.path not in _OPENED:
-            import datasets
-
-            data = datasets.load_from_disk(self.path)
-            _OPENED[self.path] = data.select_columns(list(self.columns)).with_format("arrow")
-        return _OPENED[self.path]
-
-    def rows(self, unit: RowsUnit) -> Iterator[dict[str, Any]]:
-        data = self.dataset()
-        for first in range(unit.where, unit.where + unit.count, 256):
-            yield from data[first:min(first + 256, unit.where + unit.count)].to_pylist()
-
-
-def arrow_units(path: Path, options: InputOptions) -> list[Unit]:
-    """Units of ``options.rows_per_unit`` rows of a saved dataset (the ``split`` of a saved
-    DatasetDict)."""
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        if options.split not in splits:
-            raise ConfigError(f"{path}: no split {options.split!r} in this DatasetDict (splits: "
-                              f"{', '.join(splits)}); choose one with the split option")
-        path = path / str(options.split)
-    image, text = options.hf_image_column, options.hf_text_column
-    table = ArrowTable(str(path), (image, text))
-    data = _require("datasets").load_from_disk(str(path))
-    _check_columns(path, data.column_names, image, text, HF_OPTIONS)
-    columns = Columns(image, text, str(path), options.lang)
-    step = options.rows_per_unit
-    return [RowsUnit(f"{path}:{first}", table, columns, first, min(step, data.num_rows - first),
-                     first) for first in range(0, data.num_rows, step)]

@@ -68,8 +68,8 @@ from imagefm.data.conversations import (
 )
 from imagefm.data.formats import RecordError, SkipCounter, safe_key
 from imagefm.data.records import Record
-from imagefm.data.stream import StreamLoader
-from imagefm.data.stream_units import ROWS_PER_UNIT, InputOptions, Unit, input_units, jsonl_units
+from imagefm.data.stream import StreamLoader, input_units
+from imagefm.data.stream_units import ROWS_PER_UNIT, InputOptions, Unit, jsonl_units
 from imagefm.train.config import TrainConfig
 from imagefm.train.conversations import Codec, codec_for, collate, conversation_example
 from imagefm.train.data import (

@@ -51,8 +51,8 @@ from imagefm.config import ConfigError
 from imagefm.data.augment import AugmentConfig, TrainTransform
 from imagefm.data.image import DEFAULT_MAX_PIXELS, ImageProcessor
 from imagefm.data.loader import Collate
-from imagefm.data.stream import StreamLoader
-from imagefm.data.stream_units import InputOptions, input_units
+from imagefm.data.stream import StreamLoader, input_units
+from imagefm.data.stream_units import InputOptions
 from imagefm.train.config import TrainConfig
 from imagefm.train.data import (
     check_options,
