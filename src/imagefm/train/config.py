@@ -59,6 +59,12 @@ class RunConfig:
     wandb_project: str = "imagefm"
 
 
+# Presets of models other than image–text dual encoders (speech–text, point cloud–text...):
+# model.preset name -> "module:function", a builder (model.config overrides, model.pretrained)
+# -> a fresh model, imported only when that preset is trained.
+MODEL_PRESETS: dict[str, str] = {}
+
+
 @dataclass
 class ModelConfig:
     """The model to train: a preset (with overrides) or an existing checkpoint."""
@@ -365,9 +371,10 @@ def validate(c: TrainConfig) -> None:
     """Values that are the right type but impossible. Model-dependent checks happen later."""
     from imagefm.config import PRESETS
 
-    if c.model.init is None and c.model.preset not in PRESETS:
+    known = sorted({**PRESETS, **MODEL_PRESETS})
+    if c.model.init is None and c.model.preset not in known:
         raise ConfigError(f"model.preset = {c.model.preset!r} is unknown; choose one of "
-                          f"{', '.join(sorted(PRESETS))} (or set model.init to a checkpoint)")
+                          f"{', '.join(known)} (or set model.init to a checkpoint)")
     check_choice("run.device", c.run.device, DEVICES)
     check_choice("task.name", c.task.name, TASKS)
     check_choice("task.loss", c.task.loss, LOSSES)

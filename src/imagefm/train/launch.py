@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 
 from imagefm.config import ConfigError, DualEncoderConfig, preset
 from imagefm.train import distributed
-from imagefm.train.config import TrainConfig, load_config
+from imagefm.train.config import MODEL_PRESETS, TrainConfig, load_config
 from imagefm.train.data import (
     HELD_OUT_SOURCES,
     LoaderFactory,
@@ -48,6 +49,10 @@ def build_model(config: TrainConfig) -> nn.Module:
         from imagefm.loading import load
 
         return load(config.model.init).train()
+    if config.model.preset in MODEL_PRESETS:
+        module_name, _, attr = MODEL_PRESETS[config.model.preset].partition(":")
+        builder = getattr(importlib.import_module(module_name), attr)
+        return builder(config.model.config, config.model.pretrained)
     from imagefm.convert.towers import PRESET_TOWERS, build_dual_encoder
 
     data = _merge(preset(config.model.preset).to_dict(), config.model.config)

@@ -60,6 +60,10 @@ class ContrastiveTask:
     """CLIP (softmax) or SigLIP (sigmoid) image–text contrastive training of a dual encoder.
 
     Batches are dicts with ``pixel_values``, ``input_ids`` and optionally ``attention_mask``.
+    Dual encoders of other modalities (speech–text, point cloud–text) train with this same task:
+    their batches hold the non-text input under the model's ``media_key`` (``input_features``,
+    ``points``) and their forward returns a ``DualEncoderOutput`` whose ``image_embeds`` are
+    that input's embeddings.
     Under ``torch.distributed`` the loss is computed over the global batch (see
     ``imagefm.losses``). After each step ``logit_scale`` is clamped to ``log(max_logit_scale)``,
     as CLIP does, so the temperature cannot run away.
@@ -75,7 +79,8 @@ class ContrastiveTask:
         self.local_loss = local_loss
 
     def embed(self, model: nn.Module, batch: dict) -> Embeddings:
-        out = model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
+        key = getattr(unwrap(model), "media_key", "pixel_values")
+        out = model(batch[key], batch["input_ids"], batch.get("attention_mask"))
         return Embeddings(rows={"image": out.image_embeds, "text": out.text_embeds},
                           shared={"logit_scale": out.logit_scale, "logit_bias": out.logit_bias})
 
