@@ -49,17 +49,23 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
     """imagefm.json's ``architecture`` → (model class, config parser)."""
+    from imagefm.models.clap import ClapConfig, ClapModel
     from imagefm.models.decoder import DecoderLM
     from imagefm.models.decoder_config import DecoderConfig
     from imagefm.models.dual_encoder import DualEncoder
     from imagefm.models.idefics3 import Idefics3, Idefics3Config
     from imagefm.models.llava_onevision import LlavaOneVision, OneVisionConfig
+    from imagefm.models.point_encoder import PointTextConfig, PointTextModel
     from imagefm.models.qwen_vl import QwenVL, QwenVLConfig
+    from imagefm.models.vla import VLA, VLAConfig
     from imagefm.models.vlm import VLM, VLMConfig
+    from imagefm.models.whisper_encoder import AudioEncoder, AudioEncoderConfig
 
     classes = [(DualEncoder, DualEncoderConfig.from_dict), (DecoderLM, DecoderConfig.from_dict),
                (VLM, VLMConfig.from_dict), (QwenVL, QwenVLConfig.from_dict),
-               (LlavaOneVision, OneVisionConfig.from_dict), (Idefics3, Idefics3Config.from_dict)]
+               (LlavaOneVision, OneVisionConfig.from_dict), (Idefics3, Idefics3Config.from_dict),
+               (AudioEncoder, AudioEncoderConfig.from_dict), (ClapModel, ClapConfig.from_dict),
+               (PointTextModel, PointTextConfig.from_dict), (VLA, VLAConfig.from_dict)]
     return {cls.architecture: (cls, parse) for cls, parse in classes}
 
 
@@ -130,6 +136,10 @@ def _imagefm_processor(directory: Path) -> Any:
         from imagefm.convert.idefics3 import load_idefics3_processor
 
         return load_idefics3_processor(directory)
+    if meta.get("architecture") == "audio_encoder":  # its "processor": the log-mel settings
+        from imagefm.models.whisper_encoder import AudioEncoderConfig
+
+        return AudioEncoderConfig.from_dict(meta["config"]).mel
     if meta.get("architecture") == "llava_onevision":
         from imagefm.onevision_processor import OneVisionProcessor
 
@@ -225,6 +235,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _C + "llava_onevision:load_llava_onevision_processor"),
     Format("hf_qwen2_vl", "Hugging Face Qwen2-VL / Qwen2.5-VL", _C + "qwen2_vl:load_qwen2_vl",
            _C + "qwen2_vl:load_qwen2_vl_processor"),
+    Format("hf_whisper", "Hugging Face Whisper (its encoder, as an audio tower)",
+           _C + "whisper:load_whisper", _C + "whisper:load_whisper_features"),
     Format("gguf", "GGUF file (llama.cpp)", _C + "gguf:load_gguf"),
     Format("open_clip", "open_clip directory (open_clip_config.json)",
            "imagefm.loading:load_open_clip_dir", "imagefm.loading:load_open_clip_dir_processor",
@@ -241,7 +253,7 @@ HF_MODEL_TYPES: dict[str, str] = {
     "llama": "hf_lm", "qwen2": "hf_lm", "qwen3": "hf_lm",
     "llava": "hf_llava", "llava_onevision": "hf_llava_onevision",
     "qwen2_vl": "hf_qwen2_vl", "qwen2_5_vl": "hf_qwen2_vl",
-    "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3",
+    "idefics3": "hf_idefics3", "smolvlm": "hf_idefics3", "whisper": "hf_whisper",
 }
 
 

@@ -33,9 +33,12 @@ CARD_FILE = "README.md"
 # What a model of each kind does, in the Hub's pipeline vocabulary.
 PIPELINE_TAGS = {"dual_encoder": "zero-shot-image-classification",
                  "vlm": "image-text-to-text",
-                 "decoder_lm": "text-generation"}
+                 "decoder_lm": "text-generation", "audio_encoder": "feature-extraction",
+                 "clap": "zero-shot-audio-classification", "point_clip": "feature-extraction"}
 KIND_NAMES = {"dual_encoder": "dual encoder", "vlm": "vision-language model",
-              "decoder_lm": "decoder language model"}
+              "decoder_lm": "decoder language model", "audio_encoder": "audio encoder",
+              "clap": "speech–text dual encoder (CLAP)",
+              "point_clip": "point cloud–text dual encoder (ULIP style)"}
 # A Hub dataset id: "org/name". Anything else in training_data is a description.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RESIZE = {"shortest": "resize the shortest side to {s} px, centre crop {s}×{s}",
@@ -50,8 +53,14 @@ def model_kind(model: Any) -> str:
         return "vlm"
     if hasattr(config, "vision") and hasattr(config, "text"):
         return "dual_encoder"
+    if hasattr(config, "audio") and hasattr(config, "text"):
+        return "clap"  # a speech–text dual encoder (models/clap.py)
+    if hasattr(config, "point") and hasattr(config, "text"):
+        return "point_clip"  # a point cloud–text dual encoder (models/point_encoder.py)
     if all(hasattr(config, name) for name in ("vocab_size", "layers", "heads", "width")):
         return "decoder_lm"
+    if all(hasattr(config, name) for name in ("num_mel_bins", "d_model", "encoder_layers")):
+        return "audio_encoder"  # a Whisper-style audio tower (models/whisper_encoder.py)
     raise ValueError(f"cannot write a model card for a {type(model).__name__}: not an imagefm "
                      f"dual encoder, VLM or decoder")
 
@@ -121,6 +130,24 @@ def architecture(model: Any) -> list[tuple[str, str]]:
             shuffle = getattr(c, "pixel_shuffle", 1)
             rows.append(("projector", c.projector + (f" ×{shuffle}" if shuffle > 1 else "")))
         return [*rows, ("language model", _decoder(c.lm))]
+    if kind == "clap":
+        a = c.audio
+        return [("architecture", f"CLAP speech–text dual encoder ({c.model_type} loss)"),
+                ("audio tower", f"Whisper-style, {a.encoder_layers} layers × {a.d_model} wide, "
+                                f"mean over real frames"),
+                ("text tower", _text(c.text)), ("embedding", f"{c.embed_dim}-d")]
+    if kind == "point_clip":
+        p = c.point
+        return [("architecture", f"point cloud–text dual encoder ({c.model_type} loss)"),
+                ("point tower", f"Point-BERT-style, {p.num_groups} patches × {p.group_size} "
+                                f"points, {p.layers} layers × {p.width} wide"),
+                ("text tower", _text(c.text) + (" (locked)" if c.lock_text else "")),
+                ("embedding", f"{c.embed_dim}-d")]
+    if kind == "audio_encoder":
+        return [("architecture", f"Whisper-style audio encoder, {c.encoder_layers} layers × "
+                                 f"{c.d_model} wide, {c.encoder_attention_heads} heads"),
+                ("input", f"{c.num_mel_bins} log-mel bins, up to {2 * c.max_source_positions} "
+                          f"frames")]
     return [("architecture", _decoder(c))]
 
 
@@ -131,6 +158,12 @@ def _tags(model: Any, kind: str) -> list[str]:
     elif kind == "vlm":  # the VLM's own type where it has one (qwen2_vl), then its LM's
         tags = ["vision-language", *([c.model_type] if hasattr(c, "model_type") else []),
                 c.lm.model_type]
+    elif kind == "audio_encoder":
+        tags = ["whisper", "audio-encoder"]
+    elif kind == "clap":
+        tags = ["clap", "speech", "dual-encoder"]
+    elif kind == "point_clip":
+        tags = ["point-cloud", "ulip", "dual-encoder"]
     else:
         tags = [c.model_type, "decoder"]
     if parameter_count(model)[1]:
@@ -154,6 +187,12 @@ def preprocessing(model: Any) -> list[str]:
         # Models that size images themselves (Qwen2-VL's pixel budget): their settings as given.
         settings = ", ".join(f"{k} {_number(v)}" for k, v in dataclasses.asdict(image).items())
         lines.append(f"Images: {settings}.")
+    mel = getattr(getattr(model, "config", None), "mel", None)
+    if dataclasses.is_dataclass(mel):  # an audio tower's log-mel features
+        chunk = (f"padded to {mel.chunk_seconds:g} s" if mel.chunk_seconds is not None
+                 else "not padded (a frame mask marks real frames)")
+        lines.append(f"Audio: mono {mel.sampling_rate} Hz, {mel.n_mels} log-mel bins (Whisper's "
+                     f"recipe), window {mel.n_fft}, hop {mel.hop_length}, {chunk}.")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         settings = tokenizer.settings() if hasattr(tokenizer, "settings") else {}

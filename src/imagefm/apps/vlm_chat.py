@@ -114,27 +114,34 @@ class Prompt:
 
 
 def build_prompt(model: Any, messages: Messages, images: Sequence[Any] = (),
-                 processor: ChatProcessor | None = None) -> Prompt:
+                 processor: ChatProcessor | None = None, audios: Sequence[Any] = ()) -> Prompt:
     """Render ``messages`` with the model's chat template and tokenise them.
 
     Message content is a string (each ``<image>`` in it stands for the next image) or a list of
     parts (``{"type": "text", "text"}``, ``{"type": "image"}``); ``images`` are paths, bytes,
     PIL images or uint8 arrays, in placeholder order. A conversation without any placeholder
     and exactly one image gets it at the start of the first user turn. Raises ValueError when
-    the placeholders and images disagree or the prompt alone fills the context.
+    the placeholders and images disagree or the prompt alone fills the context. ``audios``
+    (a VLM with an audio tower) are spoken clips (waveforms, audio files or their bytes) in the
+    order of the ``<audio>`` placeholders.
     """
     checked = normalize_messages(messages)
     if is_vlm(model):
         processor = processor or vlm_processor(model)
-        batch = dict(processor.prompt([checked], list(images)))
+        clips = {}
+        if audios:
+            if not getattr(processor, "takes_audio", False):
+                raise ValueError("this model has no audio tower: it takes no audio")
+            clips = {"audios": list(audios)}
+        batch = dict(processor.prompt([checked], list(images), **clips))
         prompt = Prompt(batch.pop("input_ids"), batch)
     else:
         chat_processor(model)  # checks it is an LM with a tokenizer
         has_image_parts = any(isinstance(m["content"], list) and any(
             part["type"] != "text" for part in m["content"]) for m in checked)
-        if images or has_image_parts:
+        if images or audios or has_image_parts:
             raise ValueError("this is a language model without a vision tower: it takes no "
-                             "images")
+                             "images" + (" or audio" if audios else ""))
         flat = [{**m, "content": content_text(m["content"])} for m in checked]
         prompt = Prompt(torch.tensor([encode_chat(model, flat)]))
     if prompt.tokens >= context_length(model):
@@ -208,11 +215,12 @@ class Reply:
 
 
 def stream_reply(model: Any, messages: Messages, images: Sequence[Any] = (), *,
-                 processor: ChatProcessor | None = None, **options: Any) -> Reply:
+                 processor: ChatProcessor | None = None, audios: Sequence[Any] = (),
+                 **options: Any) -> Reply:
     """A :class:`Reply` to ``messages`` (see :func:`build_prompt`); ``options`` are
     :class:`GenerationOptions` fields. The prompt is checked now, generation starts when the
     reply is iterated."""
-    prompt = build_prompt(model, messages, images, processor)
+    prompt = build_prompt(model, messages, images, processor, audios)
     return Reply(model, prompt, GenerationOptions(**options))
 
 

@@ -18,7 +18,7 @@ app = typer.Typer(
 
 # Modules under imagefm.cli that contribute commands through `register(app)`.
 COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm", "vlm",
-                   "chat", "adapt", "catalog", "sweep")
+                   "chat", "adapt", "catalog", "sweep", "medical", "points", "speech", "speech_vlm")
 
 
 def _version(value: bool) -> None:

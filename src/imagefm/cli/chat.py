@@ -3,6 +3,7 @@ Idefics3 / SmolVLM): ``imagefm caption``, ``imagefm ask`` and the interactive ``
 
     imagefm caption photo.jpg more.png --model runs/vlm-sft/final --lang ko
     imagefm ask photo.jpg "이 사진에 무엇이 있나요?" --model runs/vlm-sft/final
+    imagefm ask --audio question.wav --image photo.jpg --model runs/vlm-speech/final   # spoken
     imagefm chat --model runs/vlm-sft/final --image photo.jpg    # /image PATH, /reset, /quit
 
 Replies stream to stdout as they are generated; notices go to stderr, so piping ``chat`` (stdin
@@ -61,6 +62,23 @@ def _open(path: Path) -> Any:
         _fail(f"cannot read image {path}: {err.reason}")
 
 
+def _spoken(vlm: Any, path: Path) -> tuple[str, Any]:
+    """The audio placeholder of ``vlm``'s processor and the decoded clip at its sampling rate,
+    or a clear error and exit code 2."""
+    from imagefm.data.audio import AudioError, load_audio
+    from imagefm.vlm_runtime import chat_processor
+
+    processor = chat_processor(vlm)
+    if not getattr(processor, "takes_audio", False):
+        _fail("this model has no audio tower: ask the question as text (add one with "
+              "imagefm vlm-add-audio, then train it)")
+    try:
+        return processor.audio_marker, load_audio(path, processor.audio.sampling_rate,
+                                                  max_seconds=processor.audio.seconds)
+    except AudioError as err:
+        _fail(f"cannot read audio {path}: {err}")
+
+
 def _options(max_new_tokens: int, temperature: float, seed: int | None) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
 
@@ -104,22 +122,39 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def ask(
-        image: Path = typer.Argument(..., metavar="IMG", help="Image file."),
-        question: str = typer.Argument(..., help="The question, in any language the model "
-                                                 "knows (it answers in kind)."),
+        image: Path = typer.Argument(None, metavar="IMG", help="Image file (or --image)."),
+        question: str = typer.Argument(None, help="The question, in any language the model "
+                                                  "knows (it answers in kind); optional with "
+                                                  "--audio."),
         model: Path = _model_option(),
+        image_option: Path = typer.Option(None, "--image", help="Image file (instead of IMG)."),
+        audio: Path = typer.Option(None, "--audio",
+                                   help="The question spoken (WAV, FLAC, OGG, MP3), for a VLM "
+                                        "with an audio tower."),
         max_new_tokens: int = max_tokens_option,
         temperature: float = temperature_option,
         seed: int = seed_option,
         device: str = device_option,
     ) -> None:
-        """Answer a question about an image, streaming the answer."""
+        """Answer a question about an image, typed or spoken (--audio), streaming the answer."""
         from imagefm.apps.vlm_chat import stream_reply
 
+        if image_option is not None:  # with --image, a positional argument is the question
+            if question is not None:
+                _fail("give the image once: IMG or --image")
+            image, question = image_option, None if image is None else str(image)
+        if image is None:
+            _fail("give an image: IMG or --image PATH")
+        if question is None and audio is None:
+            _fail("give a question: as text, or spoken with --audio FILE")
         picture = _open(image)
         vlm = _load(model, device, need_vision=True)
-        _stream(stream_reply(vlm, [{"role": "user", "content": question}], [picture],
-                             **_options(max_new_tokens, temperature, seed)))
+        content, clips = question or "", []
+        if audio is not None:
+            marker, clip = _spoken(vlm, audio)
+            content, clips = marker + (f"\n{question}" if question else ""), [clip]
+        _stream(stream_reply(vlm, [{"role": "user", "content": content}], [picture],
+                             audios=clips, **_options(max_new_tokens, temperature, seed)))
 
     @app.command()
     def chat(

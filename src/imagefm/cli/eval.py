@@ -7,7 +7,9 @@ Suites:
 * ``zeroshot``: classification on labelled shards in ``--data`` (e.g. ``imagefm data prepare
   cifar10``); class names from ``--classes FILE``, else ``manifest.json`` / ``classes.json`` in
   the data folder, else the records' own label names;
-* ``retrieval``: image ↔ text recall@K on captioned shards in ``--data``, per caption language.
+* ``retrieval``: image ↔ text recall@K on captioned shards in ``--data``, per caption language;
+* ``speech``: a CLAP speech–text model on a speech dataset in ``--data`` (``--split``, default
+  test): zero-shot spoken keywords and speech ↔ text recall@K (:mod:`imagefm.eval.speech`).
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def register(app: typer.Typer) -> None:
         model_path: Path = typer.Argument(..., metavar="MODEL",
                                           help="Checkpoint: imagefm, Hugging Face or open_clip."),
         suite: str = typer.Option("synthetic", "--suite",
-                                  help="synthetic | zeroshot | retrieval | comma-separated "
+                                  help="synthetic | zeroshot | retrieval | speech (a CLAP "
+                                       "model on a speech dataset) | comma-separated "
                                        "synthetic suites (colour,shape,heldout,count,relation,"
                                        "text)."),
         data: Path | None = typer.Option(None, "--data", help="Shards for zeroshot / retrieval."),
@@ -165,6 +168,21 @@ def register(app: typer.Typer) -> None:
         from imagefm.eval.suites import LANGS, SUITES, run_suites
 
         langs = _parse_langs(lang)
+        if suite == "speech":  # a CLAP speech–text model (imagefm.eval.speech); no image processor
+            if data is None:
+                raise typer.BadParameter("--suite speech needs --data DIR (a speech dataset: "
+                                         "imagefm speech prepare)")
+            from imagefm.eval.speech import evaluate_speech
+
+            model = imagefm.load(model_path).to(device or "cpu")
+            results = evaluate_speech(model, data, split=split or "test", langs=langs,
+                                      limit=limit, batch_size=batch_size)
+            paths = write_report(results, out, title=f"Speech evaluation of {model_path.name}",
+                                 meta={"model": str(model_path), "suite": suite,
+                                       "data": str(data), "split": split or "test"})
+            typer.echo(format_table(results))
+            typer.echo(f"\nwrote {paths['markdown']} and {paths['json']}")
+            return
         if suite == "synthetic":
             names = list(SUITES)
         elif suite in ("zeroshot", "retrieval"):

@@ -64,8 +64,12 @@ MAX_DEFAULT_BATCH = 256
 
 def training_evaluators(config: Any, model: nn.Module) -> list[Evaluator]:
     """The evaluators for a run of ``config`` (a ``TrainConfig``) on ``model``: the held-out
-    retrieval / zero-shot evaluator for a dual encoder with ``eval.data``, else none."""
+    retrieval / zero-shot evaluator for an image–text dual encoder with ``eval.data``, else none
+    (dual encoders of other inputs, speech or point clouds, report their held-out loss; their
+    own suites evaluate them: ``imagefm eval --suite speech``, ``imagefm points eval``)."""
     if config.task.name != "contrastive" or not config.eval.data:
+        return []
+    if getattr(model, "media_key", "pixel_values") != "pixel_values":
         return []
     batch_size = config.eval.batch_size or min(config.data.batch_size, MAX_DEFAULT_BATCH)
     records, skips = read_heldout(config.eval.data, config.eval.limit)

@@ -8,6 +8,11 @@
 Image tokens by contract: the processor (:mod:`imagefm.vlm_processor`) expands each ``<image>``
 into exactly ``config.image_tokens`` copies of ``image_token_id``; the model fills those rows
 with the projected image features, in order, and refuses a count that does not match.
+
+Speech, optionally (``config.audio``, None by default; :mod:`imagefm.models.audio_input`): an
+audio tower and projector turn log-mel ``input_features`` into ``audio.tokens`` LM tokens per
+clip, which fill the ``<audio>`` placeholder rows the same way (:func:`add_audio` gives an
+existing VLM one).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from imagefm.config import (
     from_dict,
     tower_config,
 )
+from imagefm.models.audio_input import AudioInput, AudioInputConfig, splice
 from imagefm.models.decoder import DecoderLM, DecoderOutput
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import PROJECTORS, Projector
@@ -37,6 +43,8 @@ from imagefm.models.quantized import describe_quantization
 from imagefm.models.towers import build_vision_tower
 from imagefm.models.vit import VisionTransformer
 from imagefm.models.vlm_base import VLMBase
+from imagefm.models.vocab import extend_vocabulary
+from imagefm.models.whisper_encoder import AudioEncoder
 
 FEATURE_SELECTS = ("default", "full")  # default: patch tokens only (drop CLS); full: all tokens
 
@@ -59,6 +67,7 @@ class VLMConfig:
     projector_bias: bool = True
     vision_feature_layer: int = -1
     vision_feature_select: str = "default"
+    audio: AudioInputConfig | None = None  # an audio tower for spoken input (None: none)
 
     def __post_init__(self) -> None:
         check_choice("vlm.projector", self.projector, PROJECTORS)
@@ -73,6 +82,10 @@ class VLMConfig:
         if not 0 <= self.image_token_id < self.lm.vocab_size:
             raise ConfigError(f"vlm.image_token_id = {self.image_token_id} is not a token of the "
                               f"LM's vocabulary of {self.lm.vocab_size}")
+        if self.audio is not None and not (0 <= self.audio.token_id < self.lm.vocab_size
+                                           and self.audio.token_id != self.image_token_id):
+            raise ConfigError(f"vlm.audio.token_id = {self.audio.token_id} must be a token of "
+                              f"the LM's vocabulary other than the image token")
         grid = self.grid_size
         if self.pixel_shuffle > 1 and (grid % self.pixel_shuffle or self.keeps_class_token):
             raise ConfigError(f"vlm.pixel_shuffle = {self.pixel_shuffle} needs a patch grid "
@@ -111,7 +124,9 @@ class VLMConfig:
         data = dict(data)
         vision = tower_config(VISION_CONFIGS, data.pop("vision"), "vision")
         lm = DecoderConfig.from_dict(data.pop("lm"))
-        return from_dict(cls, {**data, "vision": vision, "lm": lm}, "vlm")
+        audio = data.pop("audio", None)
+        audio = AudioInputConfig.from_dict(audio) if audio is not None else None
+        return from_dict(cls, {**data, "vision": vision, "lm": lm, "audio": audio}, "vlm")
 
     def replace(self, **changes: Any) -> VLMConfig:
         return dataclasses.replace(self, **changes)
@@ -140,6 +155,7 @@ class VLM(VLMBase):
         self.projector = Projector(config.projector, config.vision.width, config.lm.width,
                                    factor=config.pixel_shuffle, bias=config.projector_bias)
         self.lm = DecoderLM(config.lm)
+        self.audio = AudioInput(config.audio, config.lm.width) if config.audio else None
 
     @classmethod
     def from_parts(cls, vision: VisionTransformer, lm: DecoderLM, card: ImageCard, *,
@@ -154,6 +170,7 @@ class VLM(VLMBase):
         model.projector = Projector(config.projector, config.vision.width, config.lm.width,
                                     factor=config.pixel_shuffle, bias=config.projector_bias)
         model.lm = lm
+        model.audio = AudioInput(config.audio, config.lm.width) if config.audio else None
         return model
 
     # --- the forward pass ------------------------------------------------------------------------
@@ -169,7 +186,20 @@ class VLM(VLMBase):
         return self.projector(tokens)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+              image_features: torch.Tensor | None = None,
+              input_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's placeholder rows replaced by its features (and
+        each spoken clip's by its audio tokens)."""
+        embeds = self.embed_images(input_ids, pixel_values, image_features)
+        if self.audio is None:
+            if input_features is not None:
+                raise ValueError("input_features were given but this VLM has no audio tower")
+            return embeds
+        clips = self.audio(input_features) if input_features is not None else None
+        return splice(embeds, input_ids, self.config.audio.token_id, clips)
+
+    def embed_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's placeholder rows replaced by its features."""
         embeds = self.lm.embed_tokens(input_ids)
         slots = input_ids == self.config.image_token_id
@@ -194,24 +224,29 @@ class VLM(VLMBase):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *,
                 labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                **lm_options: Any) -> DecoderOutput:
+                input_features: torch.Tensor | None = None, **lm_options: Any) -> DecoderOutput:
         """Logits [B, L, vocab] (and the next-token loss when ``labels`` are given)."""
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds = self.embed(input_ids, pixel_values, image_features, input_features)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                        **lm_options)
 
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
+                 do_sample: bool = False, input_features: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
         """Continue the prompts; [B, L + new] ids, prompt included (see DecoderLM.generate)."""
-        return self.generate_with(input_ids, attention_mask, {"pixel_values": pixel_values},
+        return self.generate_with(input_ids, attention_mask,
+                                  {"pixel_values": pixel_values, "input_features": input_features},
                                   max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     def generation_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                          attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """``inputs_embeds`` with the images spliced in (positions are the decoder's own)."""
+                          attention_mask: torch.Tensor | None = None,
+                          input_features: torch.Tensor | None = None) -> dict[str, Any]:
+        """``inputs_embeds`` with the images (and clips) spliced in (positions are the
+        decoder's own)."""
         del attention_mask
-        return {"inputs_embeds": self.embed(input_ids, pixel_values)}
+        return {"inputs_embeds": self.embed(input_ids, pixel_values,
+                                            input_features=input_features)}
 
     # --- conveniences ---------------------------------------------------------------------------
 
@@ -236,7 +271,6 @@ def compose_vlm(vision: nn.Module, lm: DecoderLM, *, card: ImageCard | None = No
     :class:`VLMConfig` fields: ``projector``, ``pixel_shuffle``, ``vision_feature_layer``...
     """
     from imagefm.models.efficientnet import EfficientNetLite
-    from imagefm.models.vocab import extend_vocabulary
 
     tower = getattr(vision, "vision", vision)
     if not isinstance(tower, (VisionTransformer, EfficientNetLite)):
@@ -251,3 +285,28 @@ def compose_vlm(vision: nn.Module, lm: DecoderLM, *, card: ImageCard | None = No
         raise ConfigError(f"{image_token!r} could not be made a token of the LM's vocabulary")
     return VLM.from_parts(tower, lm, card, image_token_id=image_token_id, image_token=image_token,
                           **options)
+
+
+def add_audio(vlm: VLM, encoder: Any, *, seconds: float = 4.0, stack: int = 8,
+              token: str = "<audio>") -> VLM:
+    """Give ``vlm`` a new (randomly initialised) audio tower and projector, in place.
+
+    ``encoder`` is an :class:`~imagefm.models.whisper_encoder.AudioEncoderConfig` or an
+    :class:`~imagefm.models.whisper_encoder.AudioEncoder` (e.g. converted Whisper weights),
+    whose weights are then kept. ``token`` joins the LM's vocabulary as one whole token.
+    """
+    if vlm.audio is not None:
+        raise ConfigError("this VLM already has an audio tower")
+    tower = encoder if isinstance(encoder, AudioEncoder) else None
+    config = tower.config if tower is not None else encoder
+    extend_vocabulary(vlm.lm, [token])
+    token_id = vlm.lm.tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ConfigError(f"{token!r} could not be made a token of the LM's vocabulary")
+    audio = AudioInputConfig(config, token_id, token, seconds=seconds, stack=stack)
+    vlm.config = vlm.config.replace(lm=vlm.lm.config, audio=audio)
+    device = vlm.lm.embed_tokens.weight.device
+    vlm.audio = AudioInput(audio, vlm.config.lm.width).to(device)
+    if tower is not None:
+        vlm.audio.encoder.load_state_dict(tower.state_dict())
+    return vlm

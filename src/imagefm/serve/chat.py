@@ -14,7 +14,9 @@ rows differently in the last bit). An ``image_url`` is a ``data:`` URL, or, wher
 allow it, an http(s) URL of a listed host or a file in the image folder
 (:mod:`imagefm.serve.image_sources`: by default the server fetches and reads nothing). A message
 may hold several images; they are placed before its text (``<image>\nquestion``, the training
-format).
+format). A VLM with an audio tower also takes ``input_audio`` parts (base64 of a WAV, MP3, FLAC
+or OGG file, as OpenAI's API sends them): each becomes an ``<audio>`` placeholder after the
+message's images and before its text (``<image>\n<audio>``: a question asked aloud).
 A client that goes away mid-stream stops its generation at the next token (its slot goes to the
 next request waiting). Errors use the app's JSON format: 400 bad input, 404 unknown model, 413
 over a limit, 422 malformed request, 429 (with ``Retry-After``) ``max_chat_queue`` requests
@@ -24,6 +26,8 @@ already decoding or waiting, 504 waited longer than ``timeout_s`` for a slot.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -59,6 +63,8 @@ from imagefm.serve.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")  # input_audio formats (soundfile decodes them)
+Clips = tuple[tuple[bytes, str], ...]  # input_audio file bytes and where each was, in order
 _STARTED, _END = object(), object()
 
 
@@ -135,6 +141,7 @@ class ChatEngine:
         self.processor = processor or chat_processor(model)
         self.settings = settings
         self.takes_images = self.processor is not None
+        self.takes_audio = bool(getattr(self.processor, "takes_audio", False))
         self.context_length = context_length(model)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="imagefm-generate")
         self.prompt_pool = ThreadPoolExecutor(settings.decode_threads,
@@ -169,12 +176,15 @@ class ChatEngine:
         card = getattr(self.processor, "card", None) if self.takes_images else None
         return card.image_size if card is not None else None
 
-    async def prompt(self, messages: list[dict[str, Any]], sources: list[ImageSource]
-                     ) -> Prompt:
+    async def prompt(self, messages: list[dict[str, Any]], sources: list[ImageSource],
+                     clips: Clips = ()) -> Prompt:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.prompt_pool, self._build, messages, sources)
+        return await loop.run_in_executor(self.prompt_pool, self._build, messages, sources,
+                                          clips)
 
-    def _build(self, messages: list[dict[str, Any]], sources: list[ImageSource]) -> Prompt:
+    def _build(self, messages: list[dict[str, Any]], sources: list[ImageSource],
+               clips: Clips = ()) -> Prompt:
+        from imagefm.data.audio import AudioError, load_audio
         from imagefm.data.image import ImageDecodeError, open_image
 
         images = []
@@ -188,8 +198,15 @@ class ChatEngine:
                 status = 413 if "decompression bomb" in err.reason else 400
                 raise BadInput(f"{where}: cannot decode the image: {err.reason}", status
                                ) from None
+        waves = []
+        for blob, where in clips:  # decoded here, off the event loop
+            audio = self.processor.audio
+            try:
+                waves.append(load_audio(blob, audio.sampling_rate, max_seconds=audio.seconds))
+            except AudioError as err:
+                raise BadInput(f"{where}: cannot decode the audio: {err}") from None
         try:
-            return build_prompt(self.model, messages, images, self.processor)
+            return build_prompt(self.model, messages, images, self.processor, waves)
         except PromptTooLong as err:
             raise BadInput(f"{err}", 400) from None
         except ValueError as err:  # the template refused the conversation...
@@ -259,8 +276,8 @@ def create_chat_app(model: Any, processor: Any, settings: ServeSettings, name: s
                                ) -> JSONResponse | StreamingResponse:
         check_model(body.model)
         requested = _check_options(body, settings)
-        messages, sources = _read_messages(body.messages, engine)
-        prompt = await engine.prompt(messages, sources)
+        messages, sources, clips = _read_messages(body.messages, engine)
+        prompt = await engine.prompt(messages, sources, clips)
         room = engine.context_length - prompt.tokens
         if requested is not None and requested > room:
             raise ApiError(400, f"the prompt is {prompt.tokens} tokens and max_tokens is "
@@ -327,12 +344,15 @@ def _check_options(body: schemas.ChatCompletionRequest, settings: ServeSettings)
 
 
 def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
-                   ) -> tuple[list[dict[str, Any]], list[ImageSource]]:
-    """Messages for the chat template (text with the image marker where each image was)
-    and where the images come from, in order, each checked against the settings."""
+                   ) -> tuple[list[dict[str, Any]], list[ImageSource], Clips]:
+    """Messages for the chat template (text with the image marker where each image was, the
+    audio marker where each clip was), where the images come from, each checked against the
+    settings, and the clips' file bytes with where each was, in order."""
     placeholder = engine.processor.image_marker if engine.takes_images else None
+    audio_marker = engine.processor.audio_marker if engine.takes_audio else None
     out: list[dict[str, Any]] = []
     sources: list[ImageSource] = []
+    clips: list[tuple[bytes, str]] = []
     chars = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -344,7 +364,7 @@ def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
             content = ""
         parts = [schemas.ContentPart(type="text", text=content)] if isinstance(content, str) \
             else content
-        texts, images = [], []
+        texts, images, spoken = [], [], []
         for j, part in enumerate(parts):
             at = f"{where}.content[{j}]" if isinstance(content, list) else f"{where}.content"
             if part.type == "text":
@@ -352,24 +372,58 @@ def _read_messages(messages: list[schemas.ChatMessage], engine: ChatEngine
                 if placeholder and placeholder in text:
                     raise ApiError(400, f"{at}: the text contains {placeholder!r}, which stands "
                                         f"for an image here; send images as image_url parts")
+                if audio_marker and audio_marker in text:
+                    raise ApiError(400, f"{at}: the text contains {audio_marker!r}, which "
+                                        f"stands for audio here; send audio as input_audio parts")
                 chars += len(text)
                 texts.append(text)
             elif part.type == "image_url":
                 sources.append(_image_source(part, at, role, engine))
                 images.append(f"{placeholder}\n")
+            elif part.type == "input_audio":
+                clips.append((_audio_bytes(part, at, role, engine), at))
+                spoken.append(audio_marker)
             else:
+                known = "text, image_url and input_audio" if audio_marker else "text and image_url"
                 raise ApiError(400, f"{at}: content parts of type {part.type!r} are not "
-                                    f"supported (text and image_url are)")
+                                    f"supported ({known} are)")
         # A message's images go before its text, as the model saw them in training
-        # ("<image>\nquestion") and as LLaVA's own chat templates place them.
-        out.append({"role": role, "content": "".join(images + texts)})
+        # ("<image>\nquestion") and as LLaVA's own chat templates place them; its clips go
+        # between the two ("<image>\n<audio>": a question asked aloud, as in training).
+        voice = "\n".join(spoken) + ("\n" if spoken and texts else "")
+        out.append({"role": role, "content": "".join(images + [voice] + texts)})
     if chars > engine.settings.max_prompt_chars:
         raise ApiError(413, f"the messages hold {chars} characters, more than the limit of "
                             f"{engine.settings.max_prompt_chars}", "request_too_large")
     if len(sources) > engine.settings.max_chat_images:
         raise ApiError(413, f"{len(sources)} images is more than the limit of "
                             f"{engine.settings.max_chat_images} per request", "request_too_large")
-    return out, sources
+    if len(clips) > engine.settings.max_chat_images:
+        raise ApiError(413, f"{len(clips)} audio clips is more than the limit of "
+                            f"{engine.settings.max_chat_images} per request", "request_too_large")
+    return out, sources, tuple(clips)
+
+
+def _audio_bytes(part: schemas.ContentPart, where: str, role: str, engine: ChatEngine) -> bytes:
+    """The file bytes of an ``input_audio`` part (decoded later, on the prompt pool)."""
+    if not engine.takes_audio:
+        raise ApiError(400, f"{where}: content parts of type 'input_audio' are not supported: "
+                            f"this model has no audio tower")
+    if role != "user":
+        raise ApiError(400, f"{where}: audio belongs in user messages")
+    clip = part.input_audio
+    if clip is None or not clip.data:
+        raise ApiError(400, f"{where}: an input_audio part needs input_audio.data (base64)")
+    if clip.format.lower() not in AUDIO_FORMATS:
+        raise ApiError(400, f"{where}: input_audio.format {clip.format!r} is not one of "
+                            f"{', '.join(AUDIO_FORMATS)}")
+    try:
+        raw = base64.b64decode(clip.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: input_audio.data is not valid base64") from None
+    if not raw:
+        raise ApiError(400, f"{where}: the audio is empty")
+    return raw
 
 
 def _image_source(part: schemas.ContentPart, where: str, role: str, engine: ChatEngine

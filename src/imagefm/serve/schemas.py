@@ -130,14 +130,23 @@ class ImageUrl(_Lenient):
     detail: str | None = None
 
 
+class InputAudio(_Lenient):
+    """A spoken clip as OpenAI sends it: base64 of the file and its format."""
+
+    data: str
+    format: str = "wav"
+
+
 class ContentPart(_Lenient):
     """``{"type": "text", "text": ...}`` or ``{"type": "image_url", "image_url": {"url": ...}}``
     (a ``data:image/...;base64,`` URL; http(s) URLs and files only where the server's settings
-    allow them, :mod:`imagefm.serve.image_sources`)."""
+    allow them, :mod:`imagefm.serve.image_sources`), or, for a VLM with an audio tower,
+    ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}``."""
 
     type: str
     text: str | None = None
     image_url: ImageUrl | str | None = None
+    input_audio: InputAudio | None = None
 
 
 class ChatMessage(_Lenient):

@@ -35,7 +35,7 @@ HOST_SYNCS = ("auto", "step", "log")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "clip", "siglip")
-TASKS = ("contrastive", "vlm")
+TASKS = ("contrastive", "vlm", "ulip")
 WANDB_MODES = ("off", "offline", "online")
 EVAL_MODES = ("auto", "min", "max")
 
@@ -62,7 +62,16 @@ class RunConfig:
 # Presets of models other than image–text dual encoders (speech–text, point cloud–text...):
 # model.preset name -> "module:function", a builder (model.config overrides, model.pretrained)
 # -> a fresh model, imported only when that preset is trained.
-MODEL_PRESETS: dict[str, str] = {}
+MODEL_PRESETS: dict[str, str] = {
+    # lit-effnet whose image projection starts from the ImageNet head (imagefm.models.class_prior)
+    "lit-effnet-prior": "imagefm.convert.class_prior:build_lit_effnet_prior",
+    # CLAP speech–text dual encoders (imagefm.models.clap; presets in imagefm.convert.clap)
+    "clap-tiny": "imagefm.convert.clap:clap_tiny",
+    "clap-e5": "imagefm.convert.clap:clap_e5",
+    # point cloud–text (ULIP style; imagefm.models.point_encoder, presets in imagefm.train.points)
+    "point-clip-tiny": "imagefm.train.points:build_point_clip_tiny",
+    "point-clip-e5": "imagefm.train.points:build_point_clip_e5",
+}
 
 
 @dataclass
@@ -84,11 +93,14 @@ class ModelConfig:
 class TaskConfig:
     """What is optimised. ``loss = auto`` follows the model's ``model_type``."""
 
-    name: str = "contrastive"  # contrastive (dual encoders) | vlm (next-token loss on replies)
+    # contrastive (dual encoders) | vlm (next-token loss on replies) | ulip (point cloud–text
+    # models: point ↔ text + image_weight × point ↔ rendered image, train/points.py)
+    name: str = "contrastive"
     loss: str = "auto"  # auto | clip | siglip
     max_logit_scale: float = 100.0  # logit_scale is clamped to log(this) after every step
     gather_with_grad: bool = True  # clip under DDP: exact global-batch gradients
     local_loss: bool = True  # clip under DDP: O(local x global) memory
+    image_weight: float = 1.0  # ulip: weight of the point ↔ image term (0: point ↔ text only)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from imagefm.train.data import (
 )
 from imagefm.train.distributed import DistInfo
 from imagefm.train.evaluation import Evaluator, check_something_to_evaluate
+from imagefm.train.points import ulip_task
 from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.tasks import ContrastiveTask, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
@@ -67,6 +68,8 @@ VLM_ARCHITECTURES = ("vlm", "qwen2_vl", "llava_onevision", "idefics3")
 
 def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask | VLMTask:
     """The task named by ``task.name``; ``task.loss=auto`` follows the model's type."""
+    if config.task.name == "ulip":
+        return ulip_task(config, model)
     is_vlm = getattr(model, "architecture", None) in VLM_ARCHITECTURES
     if config.task.name == "vlm":
         if not is_vlm:

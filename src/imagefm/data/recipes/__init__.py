@@ -10,6 +10,7 @@ from imagefm.data.recipes import (
     cifar10,
     coco,
     folder,
+    medical,
     noto_emoji,
     openclipart,
     openclipart_classes,
@@ -28,5 +29,5 @@ from imagefm.data.recipes.base import (
 )
 
 __all__ = ["MANIFEST", "RECIPES", "MissingSourceError", "Recipe", "cifar10", "coco", "folder",
-           "noto_emoji", "openclipart", "openclipart_classes", "prepare", "register",
+           "medical", "noto_emoji", "openclipart", "openclipart_classes", "prepare", "register",
            "reserved_test_split", "split_for", "tuxpaint", "write_dataset"]
