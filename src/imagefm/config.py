@@ -16,8 +16,9 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "relu", "silu")
 VISION_POOLS = ("cls", "map", "mean")
 TEXT_POOLS = ("argmax", "eos", "last", "first")
 # mlp: Linear -> GELU -> Linear, no biases, hidden (width + embed_dim) // 2 (open_clip's
-# HFTextEncoder proj_type "mlp")
-PROJECTIONS = ("linear", "linear_bias", "none", "mlp")
+# HFTextEncoder proj_type "mlp"); imagenet_prior (image side): linear + the ImageNet head's class
+# distribution over text embeddings of the class names (imagefm.models.class_prior)
+PROJECTIONS = ("linear", "linear_bias", "none", "mlp", "imagenet_prior")
 RESIZE_MODES = ("shortest", "squash", "naflex")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
@@ -297,6 +298,9 @@ class DualEncoderConfig:
         check_choice("model.image_projection", self.image_projection, PROJECTIONS)
         check_choice("model.text_projection", self.text_projection, PROJECTIONS)
         _check_positive("model", embed_dim=self.embed_dim)
+        if self.text_projection == "imagenet_prior":
+            raise ConfigError("model.text_projection = 'imagenet_prior' is an image projection "
+                              "(the ImageNet head's classes); use linear for the text side")
         if self.image_projection == "none" and self.vision.width != self.embed_dim:
             raise ConfigError(f"model.image_projection = 'none' needs vision.width "
                               f"({self.vision.width}) == embed_dim ({self.embed_dim})")
@@ -396,6 +400,10 @@ PRESETS["lit-effnet"] = DualEncoderConfig(
     BertConfig(vocab_size=250037, layers=12, pad_token_id=1), embed_dim=384)
 PRESETS["lit-effnet-en"] = DualEncoderConfig("clip", EfficientNetLiteConfig(), BertConfig(),
                                              embed_dim=384)
+# lit-effnet whose image projection adds the ImageNet head's class distribution over the text
+# embeddings of the class names (built by imagefm.convert.class_prior, train MODEL_PRESETS).
+PRESETS["lit-effnet-prior"] = dataclasses.replace(PRESETS["lit-effnet"],
+                                                  image_projection="imagenet_prior")
 
 
 def preset(name: str, **overrides: Any) -> DualEncoderConfig:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.config import ConfigError, DualEncoderConfig, ImageCard, TextConfig, default_card
+from imagefm.models.class_prior import ClassPriorProjection
 from imagefm.models.towers import build_text_tower, build_vision_tower
 
 
@@ -54,6 +55,8 @@ def _projection(kind: str, width: int, embed_dim: int) -> nn.Module:
         return nn.Identity()
     if kind == "mlp":
         return MLPProjection(width, embed_dim)
+    if kind == "imagenet_prior":
+        return ClassPriorProjection(width, embed_dim)
     layer = nn.Linear(width, embed_dim, bias=kind == "linear_bias")
     nn.init.normal_(layer.weight, std=width**-0.5)
     if layer.bias is not None:

@@ -8,6 +8,7 @@
         langs: [en, ko]               # caption languages; each epoch picks one per image
         cache_image_features: auto    # auto: when the stage locks the whole image tower
         views: 2                      # cached views per image: 1 = as is, 2 = + mirrored
+        feature_cache: DIR            # optional: keep the cached features on disk between runs
 
 Only each recipe's ``train`` split is ever read: the ``test`` split (for Tux Paint the project's
 reserved evaluation stamps, DESIGN.md "Reserved evaluation data") is never trained on, whatever
@@ -49,7 +50,7 @@ from imagefm.train.data import (
 )
 from imagefm.train.distributed import DistInfo
 
-OPTIONS = ("recipes", "langs", "cache_image_features", "views", "limit", "src")
+OPTIONS = ("recipes", "langs", "cache_image_features", "views", "limit", "src", "feature_cache")
 LOCAL_LIMIT = 64
 MAX_IN_MEMORY = 20_000  # images; ~6 GB of float16 pixels at 224 px
 TRAIN_SPLIT = "train"
@@ -263,15 +264,26 @@ def recipe_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> Reci
     records = read_train_records(options["recipes"], options["langs"], options["limit"],
                                  options.get("src"))
     data = collect(records, tokenizer)
-    pixels = preprocess(data.images, model.card)
-    if cache:
-        from imagefm.train.distributed import resolve_device
+    inputs, key = None, None
+    if cache and options.get("feature_cache"):
+        from imagefm.train.feature_cache import feature_key, load_features
 
-        device = resolve_device(config.run.device, info)
-        inputs = tower_features(model.vision, pixels, options["views"], device=device)
+        key = feature_key(data.images, options["views"], model.vision, model.card)
+        inputs = load_features(options["feature_cache"], key)
+    if inputs is None:
+        pixels = preprocess(data.images, model.card)
+        if cache:
+            from imagefm.train.distributed import resolve_device
+
+            device = resolve_device(config.run.device, info)
+            inputs = tower_features(model.vision, pixels, options["views"], device=device)
+            if key is not None and info.is_main:
+                from imagefm.train.feature_cache import save_features
+
+                save_features(options["feature_cache"], key, inputs)
+        else:
+            inputs = pixels.half()  # float16 halves the memory; the model gets float32 back
         del pixels
-    else:
-        inputs = pixels.half()  # float16 halves the memory; the model gets float32 back
     if info.is_main:
         what = "image features cached" if cache else "pixels"
         print(f"data.source=recipes: {len(data.images)} train images "
