@@ -105,3 +105,14 @@ def test_model_overrides_are_validated_by_the_model_config():
     config = TrainConfig.from_dict({"model": {"config": {"vision": {"layerz": 2}}}})
     with pytest.raises(ConfigError, match="unknown key.*vision: layerz"):
         build_model(config)
+
+
+@pytest.mark.parametrize(("preset", "small"), [("clap-e5", "clap-tiny"),
+                                               ("point-clip-e5", "point-clip-tiny")])
+def test_run_local_trains_the_small_sibling_of_other_model_families(preset, small, tmp_path):
+    path = tmp_path / "run.yaml"  # in the file: explicit overrides would win over the shrink
+    path.write_text(f"model: {{preset: {preset}, config: {{embed_dim: 64}}}}\n")
+    config = load_config(path, ["run.local=true"])
+    assert config.model.preset == small
+    assert config.model.pretrained is False
+    assert config.model.config == {}  # the small preset as it is: no tower overrides

@@ -325,6 +325,18 @@ class DualEncoderConfig:
 T = TypeVar("T")
 
 
+def merge_nested(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested mappings merged key by key (config overrides
+    such as ``model.config={vision: {layers: 2}}`` on top of a preset)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_nested(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def from_dict(cls: type[T], data: dict[str, Any], owner: str = "") -> T:
     """Build a dataclass from a dict, refusing unknown keys with a message naming them."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -401,7 +413,7 @@ PRESETS["lit-effnet"] = DualEncoderConfig(
 PRESETS["lit-effnet-en"] = DualEncoderConfig("clip", EfficientNetLiteConfig(), BertConfig(),
                                              embed_dim=384)
 # lit-effnet whose image projection adds the ImageNet head's class distribution over the text
-# embeddings of the class names (built by imagefm.convert.class_prior, train MODEL_PRESETS).
+# embeddings of the class names (built by imagefm.convert.class_prior, train/presets.py).
 PRESETS["lit-effnet-prior"] = dataclasses.replace(PRESETS["lit-effnet"],
                                                   image_projection="imagenet_prior")
 

@@ -3,7 +3,7 @@
     model = build_clap("clap-e5", pretrained=True)   # audio-tiny + multilingual-e5-small
     imagefm train configs/clap-speech.yaml           # model.preset: clap-e5
 
-``imagefm.train.config.MODEL_PRESETS`` maps the preset names to the ``clap_*`` builders below
+``imagefm.train.presets.MODEL_PRESETS`` maps the preset names to the ``clap_*`` builders below
 (``build(overrides, pretrained) -> model``). A random BERT text tower gets the character-level
 WordPiece tokenizer (English and Hangul jamo), as ``build_dual_encoder`` does.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagefm.config import BertConfig, ConfigError
+from imagefm.config import BertConfig, ConfigError, merge_nested
 from imagefm.convert.towers import PRETRAINED_TOWERS, char_wordpiece_tokenizer
 from imagefm.models.clap import ClapConfig, ClapModel
 from imagefm.models.dual_encoder import fit_text_to_tokenizer
@@ -39,16 +39,6 @@ CLAP_PRESETS: dict[str, ClapConfig] = {
 CLAP_TEXT_TOWERS: dict[str, str] = {"clap-e5": "multilingual-e5-small"}
 
 
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def build_clap(name: str, overrides: dict[str, Any] | None = None, pretrained: bool = True
                ) -> ClapModel:
     """A fresh CLAP model of preset ``name`` with ``overrides`` (``{"audio": {"encoder_layers":
@@ -56,7 +46,7 @@ def build_clap(name: str, overrides: dict[str, Any] | None = None, pretrained: b
     if name not in CLAP_PRESETS:
         raise ConfigError(f"unknown CLAP preset {name!r}; choose one of "
                           f"{', '.join(CLAP_PRESETS)}")
-    config = ClapConfig.from_dict(_merge(CLAP_PRESETS[name].to_dict(), overrides or {}))
+    config = ClapConfig.from_dict(merge_nested(CLAP_PRESETS[name].to_dict(), overrides or {}))
     tower = CLAP_TEXT_TOWERS.get(name) if pretrained else None
     tokenizer = None
     if tower is None:

@@ -129,7 +129,7 @@ def init_class_prior(model: nn.Module, names_en: list[list[str]],
 
 
 def build_lit_effnet_prior(overrides: dict[str, Any], pretrained: bool = True) -> nn.Module:
-    """``model.preset: lit-effnet-prior`` (train/config.py MODEL_PRESETS)."""
+    """``model.preset: lit-effnet-prior`` (train/presets.py MODEL_PRESETS)."""
     overrides = dict(overrides)
     options = {key: overrides.pop(key, None) for key in OPTIONS}
     data = preset("lit-effnet-prior").to_dict()

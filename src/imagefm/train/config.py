@@ -27,6 +27,7 @@ import yaml
 
 from imagefm.config import ConfigError, check_choice
 from imagefm.train.local import shrink_for_local
+from imagefm.train.presets import MODEL_PRESETS
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -57,21 +58,6 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard events when `tensorboard` is installed
     wandb: str = "off"  # off | offline | online: also log to Weights & Biases
     wandb_project: str = "imagefm"
-
-
-# Presets of models other than image–text dual encoders (speech–text, point cloud–text...):
-# model.preset name -> "module:function", a builder (model.config overrides, model.pretrained)
-# -> a fresh model, imported only when that preset is trained.
-MODEL_PRESETS: dict[str, str] = {
-    # lit-effnet whose image projection starts from the ImageNet head (imagefm.models.class_prior)
-    "lit-effnet-prior": "imagefm.convert.class_prior:build_lit_effnet_prior",
-    # CLAP speech–text dual encoders (imagefm.models.clap; presets in imagefm.convert.clap)
-    "clap-tiny": "imagefm.convert.clap:clap_tiny",
-    "clap-e5": "imagefm.convert.clap:clap_e5",
-    # point cloud–text (ULIP style; imagefm.models.point_encoder, presets in imagefm.train.points)
-    "point-clip-tiny": "imagefm.train.points:build_point_clip_tiny",
-    "point-clip-e5": "imagefm.train.points:build_point_clip_e5",
-}
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from imagefm.config import ConfigError, DualEncoderConfig, preset
+from imagefm.config import ConfigError, DualEncoderConfig, merge_nested, preset
 from imagefm.train import distributed
-from imagefm.train.config import MODEL_PRESETS, TrainConfig, load_config
+from imagefm.train.config import TrainConfig, load_config
 from imagefm.train.data import (
     HELD_OUT_SOURCES,
     LoaderFactory,
@@ -36,6 +36,7 @@ from imagefm.train.data import (
 from imagefm.train.distributed import DistInfo
 from imagefm.train.evaluation import Evaluator, check_something_to_evaluate
 from imagefm.train.points import ulip_task
+from imagefm.train.presets import MODEL_PRESETS
 from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.tasks import ContrastiveTask, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
@@ -56,7 +57,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         return builder(config.model.config, config.model.pretrained)
     from imagefm.convert.towers import PRESET_TOWERS, build_dual_encoder
 
-    data = _merge(preset(config.model.preset).to_dict(), config.model.config)
+    data = merge_nested(preset(config.model.preset).to_dict(), config.model.config)
     towers = PRESET_TOWERS.get(config.model.preset, {}) if config.model.pretrained else {}
     return build_dual_encoder(DualEncoderConfig.from_dict(data), towers)
 
@@ -196,14 +197,3 @@ def train_from_args(config_path: str | None, overrides: list[str], *, resume: bo
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(f"run finished: {run_dir}")
     return 0
-
-
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes`` applied, nested mappings merged key by key."""
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged

@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from imagefm.config import PRESETS
+from imagefm.train.presets import LOCAL_PRESETS, MODEL_PRESETS
 
 # run.local sizes per tower kind (model_type): a few thousand parameters each, random weights.
 LOCAL_TOWERS: dict[str, dict[str, Any]] = {
@@ -24,7 +25,12 @@ def shrink_for_local(data: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     model, train, run, optim, dataset, evaluation = (data[k] for k in (
         "model", "train", "run", "optim", "data", "eval"))
-    if model.get("init") is None:
+    if model.get("init") is None and str(model.get("preset")) in LOCAL_PRESETS:
+        model["preset"] = LOCAL_PRESETS[str(model.get("preset"))]
+    if model.get("init") is None and model["preset"] in MODEL_PRESETS and \
+            model["preset"] not in PRESETS:  # another model family: its small preset as it is
+        model["config"], model["pretrained"] = {}, False
+    elif model.get("init") is None:
         base = PRESETS.get(str(model.get("preset")))
         kinds = (base.vision.model_type, base.text.model_type) if base else ("vit", "transformer")
         if kinds == ("vit", "transformer"):  # any ViT preset shrinks to the tiny one

@@ -1,7 +1,7 @@
 """Training point cloud–text models (ULIP style): presets, the ``shapes3d`` data source, the
 triplet task (``task.name=ulip``).
 
-    model.preset: point-clip-tiny | point-clip-e5          (train.config.MODEL_PRESETS)
+    model.preset: point-clip-tiny | point-clip-e5          (train.presets.MODEL_PRESETS)
     data.source: shapes3d, data.path: a set `imagefm points prepare` wrote
 
 ULIP aligns a point encoder with the frozen image and text towers of a dual encoder: the loss is
@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imagefm.config import ConfigError, EfficientNetLiteConfig, preset
+from imagefm.config import ConfigError, EfficientNetLiteConfig, merge_nested, preset
 from imagefm.convert.towers import (
     char_wordpiece_tokenizer,
     load_efficientnet_lite0,
@@ -67,14 +67,6 @@ POINT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = (_merge(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else value)
-    return out
-
-
 def build_point_model(name: str, overrides: dict[str, Any] | None = None,
                       pretrained: bool = True) -> PointTextModel:
     """A fresh ``PointTextModel`` of preset ``name`` (+ overrides). With ``pretrained`` a BERT
@@ -83,7 +75,7 @@ def build_point_model(name: str, overrides: dict[str, Any] | None = None,
     if name not in POINT_PRESETS:
         raise ConfigError(f"unknown point preset {name!r}; choose one of "
                           f"{', '.join(POINT_PRESETS)}")
-    config = PointTextConfig.from_dict(_merge(POINT_PRESETS[name], overrides or {}))
+    config = PointTextConfig.from_dict(merge_nested(POINT_PRESETS[name], overrides or {}))
     e5_shaped = config.text == preset("lit-effnet").text
     tokenizer = None
     if not (pretrained and e5_shaped):
