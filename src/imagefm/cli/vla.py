@@ -52,8 +52,9 @@ def register(app: typer.Typer) -> None:
                                     "in demonstrations (the label stays the expert's)."),
         blind: bool = typer.Option(False, help="Train the language-blind control (no "
                                    "instruction input)."),
-        image_summary: str = typer.Option("keypoints", "--image-summary", help="keypoints "
-                                          "(soft-argmax keypoint tokens), max or none."),
+        image_summary: str = typer.Option("max", "--image-summary", help="keypoints "
+                                          "(soft-argmax keypoint tokens), max (the max over "
+                                          "the ViT tokens) or none."),
         demos: Path = typer.Option(None, help="Reuse a demonstrations .npz instead of "
                                    "collecting (OUT/demos.npz is written otherwise)."),
         seed: int = typer.Option(0, min=0),

@@ -21,12 +21,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from imagefm.config import (
     TEXT_CONFIGS,
@@ -38,8 +36,7 @@ from imagefm.config import (
 )
 from imagefm.config import from_dict as config_from_dict
 from imagefm.models.audio_features import MelConfig, log_mel
-from imagefm.models.dual_encoder import DualEncoderOutput, _projection, check_text_pooling
-from imagefm.models.towers import build_text_tower
+from imagefm.models.dual_encoder import DualEncoderOutput, TextContrastive, _projection
 from imagefm.models.whisper_encoder import AudioEncoder, AudioEncoderConfig, audio_preset
 
 FEATURE_PAD = -4.0
@@ -110,7 +107,7 @@ def speech_features(waveforms: Any, mel: MelConfig, max_frames: int | None = Non
     return pad_features(features, mask)
 
 
-class ClapModel(nn.Module):
+class ClapModel(TextContrastive):
     """A CLAP dual encoder (speech ↔ text), trained with the dual encoders' contrastive task."""
 
     architecture = "clap"
@@ -119,25 +116,10 @@ class ClapModel(nn.Module):
     def __init__(self, config: ClapConfig) -> None:
         super().__init__()
         self.config = config
-        self._tokenizer: Any = None
         self.audio = AudioEncoder(config.audio)
-        self.text = build_text_tower(config.text)
         self.audio_proj = _projection(config.audio_projection, config.audio.d_model,
                                       config.embed_dim)
-        self.text_proj = _projection(config.text_projection, config.text.width, config.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
-                           if config.init_logit_bias is not None else None)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        if tokenizer is not None:
-            check_text_pooling(self.config.text, tokenizer)
-        self._tokenizer = tokenizer
+        self._build_text_side(config)
 
     def features(self, waveforms: Any) -> torch.Tensor:
         """The feature batch for raw 16 kHz waveforms (what batches hold as input_features)."""
@@ -161,23 +143,6 @@ class ClapModel(nn.Module):
         pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1)
         return self.audio_proj(pooled)
 
-    def encode_text(self, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected text embeddings [B, D], not normalised.
-
-        ``input_ids`` may instead be the text tower's own pooled output [B, width] (floats): how
-        a data source that caches a locked text tower's features feeds them (tower skipped)."""
-        if input_ids.is_floating_point():
-            if input_ids.dim() != 2 or input_ids.shape[-1] != self.config.text.width:
-                raise ValueError(f"precomputed text features must be [B, "
-                                 f"{self.config.text.width}], got {tuple(input_ids.shape)}")
-            return self.text_proj(input_ids.to(self.logit_scale.dtype))
-        return self.text_proj(self.text(input_ids, attention_mask))
-
-    def logits(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        logits = self.logit_scale.exp() * audio_embeds @ text_embeds.t()
-        return logits + self.logit_bias if self.logit_bias is not None else logits
-
     def forward(self, input_features: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> DualEncoderOutput:
         audio = F.normalize(self.encode_audio(input_features), dim=-1)
@@ -186,17 +151,7 @@ class ClapModel(nn.Module):
         return DualEncoderOutput(audio, text, logits, logits.t(), self.logit_scale.exp(),
                                  self.logit_bias)
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         for tower in (self.audio, self.text):
             getattr(tower, "transformer", tower).gradient_checkpointing = enabled
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer); ``imagefm.load`` reads
-        it back."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)

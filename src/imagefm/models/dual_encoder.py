@@ -100,21 +100,17 @@ def fit_text_to_tokenizer(config: DualEncoderConfig, tokenizer: Any) -> DualEnco
     return dataclasses.replace(config, text=text)
 
 
-class DualEncoder(nn.Module):
-    """A CLIP or SigLIP model. ``card`` is the image preprocessing it expects."""
+class TextContrastive(nn.Module):
+    """The text side every dual encoder shares, whatever its other input (images here, speech
+    in models/clap.py, point clouds in models/point_encoder.py): a text tower and its
+    projection, the temperature (and SigLIP's bias), the tokenizer the model travels with, and
+    the logits. ``config`` has ``text``, ``text_projection``, ``embed_dim``,
+    ``init_logit_scale`` and ``init_logit_bias``."""
 
-    architecture = "dual_encoder"  # the name imagefm.json records (imagefm.loading maps it back)
-
-    def __init__(self, config: DualEncoderConfig, card: ImageCard | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.card = card or default_card(config)
+    def _build_text_side(self, config: Any) -> None:
         # The tokenizer travels with the model so a checkpoint is self-contained; loaders set it.
         self._tokenizer: Any = None
-        self.vision = build_vision_tower(config.vision)
         self.text = build_text_tower(config.text)
-        self.image_proj = _projection(config.image_projection, config.vision.width,
-                                      config.embed_dim)
         self.text_proj = _projection(config.text_projection, config.text.width, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
@@ -129,6 +125,52 @@ class DualEncoder(nn.Module):
         if tokenizer is not None:
             check_text_pooling(self.config.text, tokenizer)
         self._tokenizer = tokenizer
+
+    def encode_text(self, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text embeddings [B, D], not normalised (as HF ``get_text_features``).
+
+        ``input_ids`` may instead be the text tower's own pooled output [B, width] (floats): how
+        a data source that caches a locked text tower's features feeds them (tower skipped)."""
+        if input_ids.is_floating_point():
+            width = self.config.text.width
+            if input_ids.dim() != 2 or input_ids.shape[-1] != width:
+                raise ValueError(f"precomputed text features must be [B, {width}], got "
+                                 f"{tuple(input_ids.shape)}")
+            return self.text_proj(input_ids.to(self.logit_scale.dtype))
+        return self.text_proj(self.text(input_ids, attention_mask))
+
+    def logits(self, media_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Logits [B_media, B_txt] from normalised embeddings."""
+        logits = self.logit_scale.exp() * media_embeds @ text_embeds.t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""
+        from imagefm.checkpoint import save_model
+
+        return save_model(self, directory)
+
+
+class DualEncoder(TextContrastive):
+    """A CLIP or SigLIP model. ``card`` is the image preprocessing it expects."""
+
+    architecture = "dual_encoder"  # the name imagefm.json records (imagefm.loading maps it back)
+
+    def __init__(self, config: DualEncoderConfig, card: ImageCard | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.card = card or default_card(config)
+        self.vision = build_vision_tower(config.vision)
+        self._build_text_side(config)
+        self.image_proj = _projection(config.image_projection, config.vision.width,
+                                      config.embed_dim)
 
     def encode_image(self, pixel_values: torch.Tensor,
                      pixel_attention_mask: torch.Tensor | None = None,
@@ -151,18 +193,6 @@ class DualEncoder(nn.Module):
         return self.image_proj(self.vision(pixel_values, pixel_attention_mask=pixel_attention_mask,
                                            spatial_shapes=spatial_shapes))
 
-    def encode_text(self, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected text embeddings [B, D], not normalised (as HF ``get_text_features``)."""
-        return self.text_proj(self.text(input_ids, attention_mask))
-
-    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Image-text logits [B_img, B_txt] from normalised embeddings."""
-        logits = self.logit_scale.exp() * image_embeds @ text_embeds.t()
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
-        return logits
-
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 pixel_attention_mask: torch.Tensor | None = None,
@@ -174,18 +204,9 @@ class DualEncoder(nn.Module):
         return DualEncoderOutput(image, text, logits, logits.t(), self.logit_scale.exp(),
                                  self.logit_bias)
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         for tower in (self.vision, self.text):
             # Our transformers keep the switch on their block stack, the other towers on
             # themselves.
             getattr(tower, "transformer", tower).gradient_checkpointing = enabled
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +40,8 @@ from imagefm.config import (
     from_dict,
     tower_config,
 )
-from imagefm.models.dual_encoder import DualEncoderOutput, _projection, check_text_pooling
+from imagefm.models.dual_encoder import DualEncoderOutput, TextContrastive, _projection
 from imagefm.models.layers import Transformer, activation, init_transformer
-from imagefm.models.towers import build_text_tower
 
 POINT_PROJECTIONS = ("linear", "linear_bias", "none", "mlp")
 
@@ -220,7 +218,7 @@ class PointTextOutput(DualEncoderOutput):
     render_embeds: torch.Tensor | None = None
 
 
-class PointTextModel(nn.Module):
+class PointTextModel(TextContrastive):
     """A point cloud–text CLIP/SigLIP model (``architecture = "point_clip"``)."""
 
     architecture = "point_clip"
@@ -229,29 +227,14 @@ class PointTextModel(nn.Module):
     def __init__(self, config: PointTextConfig) -> None:
         super().__init__()
         self.config = config
-        self._tokenizer: Any = None
         self.points = PointEncoder(config.point)
-        self.text = build_text_tower(config.text)
         self.point_proj = _projection(config.point_projection, config.point.output_width,
                                       config.embed_dim)
-        self.text_proj = _projection(config.text_projection, config.text.width, config.embed_dim)
         self.image_proj = (_projection("linear", config.image_width, config.embed_dim)
                            if config.image_width is not None else None)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
-                           if config.init_logit_bias is not None else None)
+        self._build_text_side(config)
         if config.lock_text:
             self.text.requires_grad_(False)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        if tokenizer is not None and isinstance(self.config.text, TextConfig):
-            check_text_pooling(self.config.text, tokenizer)
-        self._tokenizer = tokenizer
 
     def train(self, mode: bool = True) -> PointTextModel:
         super().train(mode)
@@ -271,28 +254,12 @@ class PointTextModel(nn.Module):
                 return self.text(input_ids, attention_mask)
         return self.text(input_ids, attention_mask)
 
-    def encode_text(self, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected text embeddings [B, D], not normalised. ``input_ids`` may instead be the
-        text tower's pooled features [B, text.width] (float): how a data source that caches a
-        locked tower feeds them (the tower is skipped, as ``DualEncoder.encode_image`` does)."""
-        if input_ids.is_floating_point():
-            if input_ids.dim() != 2 or input_ids.shape[-1] != self.config.text.width:
-                raise ValueError(f"precomputed text features must be [B, "
-                                 f"{self.config.text.width}], got {tuple(input_ids.shape)}")
-            return self.text_proj(input_ids.to(self.logit_scale.dtype))
-        return self.text_proj(self.text_features(input_ids, attention_mask))
-
     def encode_image_features(self, features: torch.Tensor) -> torch.Tensor:
         """Frozen image-tower features of renderings [B, image_width] → [B, D]."""
         if self.image_proj is None:
             raise ValueError("this model has no image side: set model.image_width (the image "
                              "tower's feature width) to align points with renderings")
         return self.image_proj(features.to(self.logit_scale.dtype))
-
-    def logits(self, point_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        logits = self.logit_scale.exp() * point_embeds @ text_embeds.t()
-        return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def forward(self, points: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
@@ -305,16 +272,7 @@ class PointTextModel(nn.Module):
         return PointTextOutput(point, text, logits, logits.t(), self.logit_scale.exp(),
                                self.logit_bias, render)
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.points.transformer.gradient_checkpointing = enabled
         getattr(self.text, "transformer", self.text).gradient_checkpointing = enabled
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""
-        from imagefm.checkpoint import save_model
-
-        return save_model(self, directory)
