@@ -45,7 +45,8 @@ from imagefm.train.data import (
     register_data_source,
 )
 from imagefm.train.distributed import DistInfo
-from imagefm.vlm_processor import ConversationTooLong, VLMProcessor
+from imagefm.train.vlm_data import rank_rows
+from imagefm.vlm_processor import VLMProcessor
 
 OPTIONS = ("langs", "text_fraction", "transcribe_fraction", "augment", "style",
            "examples_per_epoch", "seed", "rates", "pitches")
@@ -139,20 +140,7 @@ class SpokenQuestions:
         return self.processor.training_example(messages), image, clip
 
     def __call__(self, epoch: int) -> Iterator[dict]:
-        local = self.batch_size // self.world_size
-        index = epoch * self.examples_per_epoch
-        end = index + self.examples_per_epoch
-        while index + self.batch_size <= end:
-            rows = []
-            while len(rows) < self.batch_size and index < end:
-                try:
-                    rows.append(self.example(index))
-                except ConversationTooLong:
-                    self.skipped += 1
-                index += 1
-            mine = rows[self.rank * local:(self.rank + 1) * local]
-            if len(mine) < local:
-                return
+        for mine in rank_rows(self, epoch):
             yield self.processor.collate([e for e, _, _ in mine],
                                          images=[i for _, i, _ in mine if i is not None],
                                          audios=[c for _, _, c in mine if c is not None])

@@ -55,6 +55,31 @@ def record_messages(record: Record, kind: str, lang: str) -> list[dict[str, str]
             {"role": "assistant", "content": captions[0]}]
 
 
+def rank_rows(source: Any, epoch: int) -> Iterator[list]:
+    """This rank's rows of each global batch of an epoch of generated conversations.
+
+    ``source`` has ``example(index)``, ``examples_per_epoch``, ``batch_size`` (global), ``rank``,
+    ``world_size`` and a ``skipped`` counter. Examples ``epoch * examples_per_epoch`` onwards
+    fill global batches in order; one too long for the context is skipped and counted (every
+    rank skips the same ones, so the ranks stay aligned); a last, partial batch is dropped.
+    """
+    local = source.batch_size // source.world_size
+    index = epoch * source.examples_per_epoch
+    end = index + source.examples_per_epoch
+    while index + source.batch_size <= end:
+        rows = []
+        while len(rows) < source.batch_size and index < end:
+            try:
+                rows.append(source.example(index))
+            except ConversationTooLong:
+                source.skipped += 1
+            index += 1
+        mine = rows[source.rank * local:(source.rank + 1) * local]
+        if len(mine) < local:
+            return
+        yield mine
+
+
 class SyntheticConversations:
     """Deterministic batches of synthetic conversations (see the module docstring)."""
 
@@ -92,20 +117,7 @@ class SyntheticConversations:
         return example, np.asarray(open_image(record.image))
 
     def __call__(self, epoch: int) -> Iterator[dict]:
-        local = self.batch_size // self.world_size
-        index = epoch * self.examples_per_epoch
-        end = index + self.examples_per_epoch
-        while index + self.batch_size <= end:
-            rows = []
-            while len(rows) < self.batch_size and index < end:
-                try:
-                    rows.append(self.example(index))
-                except ConversationTooLong:
-                    self.skipped += 1
-                index += 1
-            mine = rows[self.rank * local:(self.rank + 1) * local]
-            if len(mine) < local:
-                return
+        for mine in rank_rows(self, epoch):
             yield self.processor.collate([e for e, _ in mine], images=[i for _, i in mine])
 
 

@@ -29,8 +29,7 @@ from imagefm.train.config import TrainConfig
 from imagefm.train.conversations import Codec, codec_for, collate
 from imagefm.train.data import LoaderFactory, check_options, micro_batch_size
 from imagefm.train.distributed import DistInfo
-from imagefm.train.vlm_data import DESCRIBE, KINDS, OPTIONS, record_messages
-from imagefm.vlm_processor import ConversationTooLong
+from imagefm.train.vlm_data import DESCRIBE, KINDS, OPTIONS, rank_rows, record_messages
 
 NATIVE_OPTIONS = (*OPTIONS, "sizes")
 _SIZE_STREAM = 7  # the random stream of each scene's size, apart from the scene's own
@@ -97,22 +96,8 @@ class NativeSyntheticConversations:
         return self.codec.example(conversation, [(image.height, image.width)]), image
 
     def __call__(self, epoch: int) -> Iterator[dict]:
-        local = self.batch_size // self.world_size
-        index = epoch * self.examples_per_epoch
-        end = index + self.examples_per_epoch
-        while index + self.batch_size <= end:
-            rows = []
-            while len(rows) < self.batch_size and index < end:
-                try:
-                    example, image = self.example(index)
-                    rows.append((example, [image]))
-                except ConversationTooLong:
-                    self.skipped += 1
-                index += 1
-            mine = rows[self.rank * local:(self.rank + 1) * local]
-            if len(mine) < local:
-                return
-            yield collate(self.codec, mine)
+        for mine in rank_rows(self, epoch):
+            yield collate(self.codec, [(example, [image]) for example, image in mine])
 
 
 def native_synthetic_source(config: TrainConfig, model: nn.Module,
