@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")
 import imagefm  # noqa: E402
 from imagefm.convert import gguf as gguf_convert  # noqa: E402
 from imagefm.convert.gguf import load_gguf  # noqa: E402
-from imagefm.models import quantized  # noqa: E402
+from imagefm.models import quant_kernel, quantized  # noqa: E402
 from imagefm.models.decoder import DecoderLM  # noqa: E402
 from imagefm.models.decoder_config import DecoderConfig  # noqa: E402
 from imagefm.models.quantized import (  # noqa: E402
@@ -101,7 +101,7 @@ def test_without_kernel_and_with_gradients_uses_the_same_weights(monkeypatch) ->
 def test_missing_compiler_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("CC", "no-such-compiler-here")
     with pytest.raises(RuntimeError, match="no C compiler 'no-such-compiler-here'"):
-        quantized._build()
+        quant_kernel._build()
 
 
 # --- GGUF files ----------------------------------------------------------------------------------
