@@ -209,12 +209,7 @@ def plot_robustness(results: dict[str, Any], path: str | Path) -> Path:
     right.set_xlabel("points per cloud")
     right.set_title("point count (en prompts)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(runs: dict[str, dict[str, Any]], path: str | Path) -> Path:
@@ -243,6 +238,13 @@ def plot_comparison(runs: dict[str, dict[str, Any]], path: str | Path) -> Path:
     axis.set_ylabel("zero-shot shape accuracy")
     axis.set_title("held-out (colour, shape) combinations")
     axis.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders made) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
