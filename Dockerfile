@@ -8,18 +8,24 @@
 #
 # docs/deploy.md has the compose example. The image runs as the non-root user `imagefm`.
 
-FROM python:3.11-slim AS build
+# Where the registry or PyTorch's index cannot be reached, a mirror stands in (docs/deploy.md):
+#   --build-arg BASE_IMAGE=...   any Debian-based image with python (3.10+) and its venv module
+#   --build-arg TORCH_PIP_ARGS="--find-links http://HOST/wheels" --build-arg TORCH_SPEC=torch==X+cpu
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # PyTorch's CPU-only wheels: the default index's wheels carry CUDA (several GB).
 ARG TORCH_SPEC="torch==2.14.1"
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 RUN python -m venv /opt/imagefm \
- && /opt/imagefm/bin/pip install --index-url https://download.pytorch.org/whl/cpu "$TORCH_SPEC"
+ && /opt/imagefm/bin/pip install $TORCH_PIP_ARGS "$TORCH_SPEC"
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN /opt/imagefm/bin/pip install ".[serve,lm]"
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 # gcc: imagefm builds its quantised-decode kernel on first use (models/quantized.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -23,11 +23,10 @@ a data-protection officer has approved, not a certificate.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from imagefm.checkpoint import atomic_write
 from imagefm.data.medical import MedicalReadError, read_dataset
 
 BLANK = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -122,14 +121,4 @@ def deidentify_file(src: str | Path, dst: str | Path, salt: str, *,
                                f"{src}: BurnedInAnnotation=YES (text in the pixels is not removed "
                                f"by tag de-identification); pass allow_burned_in to copy it anyway")
     deidentify(ds, salt)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        ds.save_as(tmp, enforce_file_format=False)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return atomic_write(dst, lambda tmp: ds.save_as(tmp, enforce_file_format=False))
