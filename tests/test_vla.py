@@ -33,7 +33,7 @@ TINY = {"width": 32, "vision_layers": 1, "lm_layers": 1}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return instruction_tokenizer(vocab_size=300)
+    return instruction_tokenizer()
 
 
 @pytest.fixture(scope="module")

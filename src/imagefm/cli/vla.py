@@ -52,15 +52,31 @@ def register(app: typer.Typer) -> None:
                                     "in demonstrations (the label stays the expert's)."),
         blind: bool = typer.Option(False, help="Train the language-blind control (no "
                                    "instruction input)."),
-        image_summary: str = typer.Option("max", "--image-summary", help="keypoints "
-                                          "(soft-argmax keypoint tokens), max (the max over "
-                                          "the ViT tokens) or none."),
+        image_summary: str = typer.Option("pointers", "--image-summary", help="pointers "
+                                          "(point at the gripper, the instruction's object "
+                                          "and zone; supervised by the simulator's state), "
+                                          "keypoints (soft-argmax keypoint tokens), max (the "
+                                          "max over the ViT tokens) or none."),
+        pointer_weight: float = typer.Option(1.0, "--pointer-weight", min=0.0,
+                                             help="Weight of the pointer loss (0: the "
+                                             "pointers learn from the action loss alone)."),
+        dagger_rounds: int = typer.Option(0, "--dagger-rounds", min=0, help="DAgger rounds "
+                                          "after training (the policy drives, the expert "
+                                          "labels); the model lands in OUT/daggerR/final."),
+        dagger_episodes: int = typer.Option(400, "--dagger-episodes", min=1,
+                                            help="On-policy episodes per DAgger round."),
+        dagger_steps: int = typer.Option(1000, "--dagger-steps", min=1,
+                                         help="Optimizer steps per DAgger round."),
+        dagger_lr: float = typer.Option(None, "--dagger-lr", min=0.0,
+                                        help="Peak learning rate of DAgger rounds (default: "
+                                        "--lr)."),
         demos: Path = typer.Option(None, help="Reuse a demonstrations .npz instead of "
                                    "collecting (OUT/demos.npz is written otherwise)."),
         seed: int = typer.Option(0, min=0),
         resume: bool = typer.Option(False, help="Continue the run in OUT."),
     ) -> None:
         """Collect expert demonstrations and train a VLA with the project's Trainer."""
+        from imagefm.robot.dagger import dagger
         from imagefm.robot.demos import Demonstrations, collect
         from imagefm.robot.training import demo_statistics, train_vla
 
@@ -77,9 +93,19 @@ def register(app: typer.Typer) -> None:
         model, folder = train_vla(data, out, steps=steps, batch_size=batch_size, lr=lr,
                                   language=not blind, seed=seed, width=width,
                                   vision_layers=layers, lm_layers=layers, resume=resume,
-                                  image_summary=image_summary)
+                                  image_summary=image_summary, pointer_weight=pointer_weight)
         typer.echo(f"trained a {'language-blind ' if blind else ''}VLA "
                    f"({model.num_parameters:,} parameters): {folder / 'final'}")
+        if dagger_rounds:
+            model, data, log = dagger(model, data, out, rounds=dagger_rounds,
+                                      episodes=dagger_episodes, steps=dagger_steps,
+                                      batch_size=batch_size,
+                                      lr=lr if dagger_lr is None else dagger_lr, seed=seed)
+            for entry in log:
+                typer.echo(f"DAgger round {entry.round}: the policy succeeded in "
+                           f"{entry.policy_success:.2f} of {entry.episodes} episodes; "
+                           f"+{entry.new_steps} labelled states -> {entry.total_steps}; "
+                           f"model: {entry.folder}/final")
 
     @vla.command("eval")
     def evaluate(

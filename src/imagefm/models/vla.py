@@ -10,6 +10,12 @@ one ``<act>`` start token; a_d is predicted at the position before it (autoregre
 grip may depend on the move chosen). Logits of dimension d are read over its own bins only, so
 the model can never emit a token of another dimension or a word.
 
+With ``image_summary = "pointers"`` (what works; ``models.vla_pointers``) three pointer tokens
+(gripper, the instruction's object, its zone: located by a conv branch with queries the decoder
+writes from the instruction) sit between the instruction and ``<act>``, and the relation of
+their positions is added to every action position; ``forward(..., positions=...)`` adds the
+heat maps' loss against true positions (a simulator gives them for free).
+
 ``language = False`` is the language-blind control: the same model without the instruction
 segment, trained and evaluated on the image alone (what is achievable without reading).
 
@@ -34,6 +40,7 @@ from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.projector import PROJECTORS, Projector
 from imagefm.models.vit import VisionTransformer
+from imagefm.models.vla_pointers import POINTERS, PointerHead, pointer_loss
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,15 @@ class VLAConfig:
     # pixel or two (the move bins are 0.06 of the table apart); patch tokens hold them only in
     # their position embeddings, which attention has to learn to read out, and did not (first
     # attempt: moves at chance). With keypoints the decoder only selects and subtracts.
+    # "pointers" (third attempt, ``models.vla_pointers``): a conv branch points at the gripper,
+    # the instruction's object and its zone (queries from the decoder's reading of the
+    # instruction); three pointer tokens follow the instruction and the positions' differences
+    # are added to <act> and to each action token. ``pointer_weight`` scales the heat maps'
+    # loss against the simulator's true positions when a batch carries them.
     image_summary: str = "max"
     keypoints: int = 32
+    pointer_channels: int = 32
+    pointer_weight: float = 1.0
     image_mean: float = 0.5  # pixels (0-1) are normalised as (x - mean) / std
     image_std: float = 0.5
 
@@ -68,9 +82,12 @@ class VLAConfig:
         if not self.action_bins or min(self.action_bins) < 2:
             raise ConfigError(f"vla.action_bins needs at least one dimension of >= 2 bins, got "
                               f"{list(self.action_bins)}")
-        if self.image_summary not in ("max", "none", "keypoints"):
-            raise ConfigError(f"vla.image_summary = {self.image_summary!r}; choose max, none or "
-                              f"keypoints")
+        if self.image_summary not in ("max", "none", "keypoints", "pointers"):
+            raise ConfigError(f"vla.image_summary = {self.image_summary!r}; choose max, none, "
+                              f"keypoints or pointers")
+        if self.image_summary == "pointers" and (self.pointer_channels < 1
+                                                 or self.pointer_weight < 0):
+            raise ConfigError("vla.pointer_channels must be >= 1 and vla.pointer_weight >= 0")
         if self.image_summary == "keypoints" and self.keypoints < 1:
             raise ConfigError(f"vla.keypoints = {self.keypoints}: needs >= 1 keypoint channel")
         if self.projector not in PROJECTORS:
@@ -90,8 +107,8 @@ class VLAConfig:
 
     @property
     def image_positions(self) -> int:
-        """Patch tokens, plus keypoint tokens when the summary is ``keypoints``."""
-        extra = self.keypoints if self.image_summary == "keypoints" else 0
+        """Patch tokens, plus keypoint or pointer tokens when the summary adds them."""
+        extra = {"keypoints": self.keypoints, "pointers": len(POINTERS)}.get(self.image_summary, 0)
         return self.vision.grid_size**2 + extra
 
     @property
@@ -126,7 +143,8 @@ def vla_config(text_vocab_size: int, *, image_size: int = 48, patch_size: int = 
                width: int = 96, vision_layers: int = 3, lm_layers: int = 3,
                action_bins: tuple[int, ...] = (5, 5, 2), max_text_tokens: int = 24,
                language: bool = True, image_summary: str = "max",
-               keypoints: int = 32) -> VLAConfig:
+               keypoints: int = 32, pointer_channels: int = 32,
+               pointer_weight: float = 1.0) -> VLAConfig:
     """A small VLA for CPU training (the default is ~0.7 M parameters).
 
     The tower normalises its patch embeddings before the blocks (``pre_norm``): from scratch,
@@ -137,13 +155,14 @@ def vla_config(text_vocab_size: int, *, image_size: int = 48, patch_size: int = 
     vision = VisionConfig(image_size=image_size, patch_size=patch_size, width=width,
                           layers=vision_layers, heads=heads, mlp_dim=4 * width, act="gelu",
                           class_token=False, pre_norm=True, pool="mean", stem="conv")
-    extra = keypoints if image_summary == "keypoints" else 0
+    extra = {"keypoints": keypoints, "pointers": len(POINTERS)}.get(image_summary, 0)
     positions = (image_size // patch_size) ** 2 + extra + max_text_tokens + len(action_bins) + 1
     lm = DecoderConfig(vocab_size=text_vocab_size + 1 + sum(action_bins), width=width,
                        layers=lm_layers, heads=heads, kv_heads=heads, mlp_dim=2 * width,
                        context_length=positions, tie_embeddings=True)
     return VLAConfig(vision, lm, text_vocab_size, action_bins, max_text_tokens, language,
-                     image_summary=image_summary, keypoints=keypoints)
+                     image_summary=image_summary, keypoints=keypoints,
+                     pointer_channels=pointer_channels, pointer_weight=pointer_weight)
 
 
 class SpatialKeypoints(nn.Module):
@@ -180,7 +199,10 @@ class SpatialKeypoints(nn.Module):
 @dataclass
 class VLAOutput:
     logits: torch.Tensor  # [B, D, max bins]; bins a dimension lacks are -inf
-    loss: torch.Tensor | None = None  # mean cross-entropy over dimensions, when actions given
+    loss: torch.Tensor | None = None  # mean cross-entropy over dimensions (+ pointer loss)
+    action_loss: torch.Tensor | None = None  # the action tokens' cross-entropy alone
+    pointer_loss: torch.Tensor | None = None  # heat maps vs true positions, when given
+    positions: torch.Tensor | None = None  # pointed positions [B, 3, 2] (pointers summary)
 
 
 class VLA(nn.Module):
@@ -202,6 +224,9 @@ class VLA(nn.Module):
         self.keypoints = (SpatialKeypoints(config.vision.in_channels, 16, config.keypoints,
                                            config.lm.width)
                           if config.image_summary == "keypoints" else None)
+        self.pointers = (PointerHead(config.vision.in_channels, config.pointer_channels,
+                                     config.lm.width)
+                         if config.image_summary == "pointers" else None)
         self.tokenizer: Any = None
 
     @property
@@ -214,8 +239,10 @@ class VLA(nn.Module):
         return (x - self.config.image_mean) / self.config.image_std
 
     def prefix(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None,
-               attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and key mask of image tokens, instruction (unless blind) and ``<act>``."""
+               attention_mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Embeddings and key mask of image tokens, instruction (unless blind), pointer
+        tokens (``pointers`` summary) and ``<act>``; and the pointer head's outputs."""
         image = self.projector(self.vision.forward_tokens(pixel_values))
         batch, device = image.shape[0], image.device
         if self.keypoints is not None:
@@ -233,11 +260,30 @@ class VLA(nn.Module):
                          else torch.ones_like(input_ids))
         start = torch.full((batch, 1), self.config.start_token_id, device=device)
         start = self.lm.embed_tokens(start)
+        pointed = None
         if self.config.image_summary == "max":
             start = start + image.amax(dim=1, keepdim=True)
+        elif self.pointers is not None:
+            pointed = self.pointers(pixel_values.to(image.dtype),
+                                    self._text_queries(parts[1], masks[1])
+                                    if self.config.language else None)
+            parts.append(pointed["tokens"])
+            masks.append(torch.ones(pointed["tokens"].shape[:2], dtype=torch.long,
+                                    device=device))
+            start = start + pointed["relation"]
         parts.append(start)
         masks.append(torch.ones((batch, 1), dtype=torch.long, device=device))
-        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1), pointed
+
+    def _text_queries(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder reads the instruction followed by two query slots (object, zone); its
+        states there [B, 2, width] become the pointer head's queries. Text only: what to look
+        for is a function of the words, not of the scene."""
+        slots = self.pointers.slots.expand(text.shape[0], -1, -1).to(text.dtype)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :2])], dim=1)
+        out = self.lm(inputs_embeds=torch.cat([text, slots], dim=1), attention_mask=mask,
+                      logits_to_keep=1, output_hidden_states=True)
+        return out.hidden_states[:, -2:]
 
     def _dimension_logits(self, logits: torch.Tensor, dims: range) -> torch.Tensor:
         """[B, len(dims), vocab] → [B, len(dims), max bins], each over its own bins."""
@@ -255,10 +301,12 @@ class VLA(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                actions: torch.Tensor | None = None) -> VLAOutput:
+                actions: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> VLAOutput:
         """Teacher-forced logits of every action dimension; with ``actions`` [B, D] (bin
-        indices) also the loss."""
-        embeds, mask = self.prefix(pixel_values, input_ids, attention_mask)
+        indices) also the loss. ``positions`` [B, 3, 2] (the true gripper, object and zone
+        centres in table units) add ``pointer_weight`` × the pointer loss (pointers summary)."""
+        embeds, mask, pointed = self.prefix(pixel_values, input_ids, attention_mask)
         dims = len(self.config.action_bins)
         if actions is None:
             raise ValueError("forward needs the actions to teacher-force; use predict() to act")
@@ -266,19 +314,28 @@ class VLA(nn.Module):
             raise ValueError(f"actions must be [B, {dims}] bin indices, got {tuple(actions.shape)}")
         if dims > 1:
             given = self.lm.embed_tokens(self._action_ids(actions[:, :-1]))
+            if pointed is not None:
+                given = given + pointed["relation"]
             embeds = torch.cat([embeds, given], dim=1)
             mask = torch.cat([mask, torch.ones(given.shape[:2], dtype=mask.dtype,
                                                device=mask.device)], dim=1)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=dims)
         logits = self._dimension_logits(out.logits, range(dims))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1))
-        return VLAOutput(logits, loss)
+        action_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), actions.reshape(-1))
+        if pointed is None:
+            return VLAOutput(logits, action_loss, action_loss)
+        aux = None
+        if positions is not None:
+            grid = tuple(int(v) for v in pointed["grid"])
+            aux = pointer_loss(pointed["scores"], grid, positions.to(pointed["scores"].device))
+        loss = action_loss if aux is None else action_loss + self.config.pointer_weight * aux
+        return VLAOutput(logits, loss, action_loss, aux, pointed["positions"])
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy action tokens [B, D] (bin indices), one dimension after another."""
-        embeds, mask = self.prefix(pixel_values, input_ids, attention_mask)
+        embeds, mask, pointed = self.prefix(pixel_values, input_ids, attention_mask)
         cache = self.lm.new_cache(embeds.shape[0], embeds.shape[1] + len(self.config.action_bins))
         chosen: list[torch.Tensor] = []
         step_input = embeds
@@ -288,6 +345,8 @@ class VLA(nn.Module):
             best = self._dimension_logits(out.logits, range(d, d + 1))[:, 0].argmax(-1)
             chosen.append(best)
             step_input = self.lm.embed_tokens(best[:, None] + self.config.action_offsets[d])
+            if pointed is not None:  # every action position reads the positions' relation
+                step_input = step_input + pointed["relation"]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return torch.stack(chosen, dim=1)
 

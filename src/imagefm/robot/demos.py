@@ -7,7 +7,10 @@ learns to come back from states a perfect expert never visits. Only successful e
 kept, so every label sequence ends in the goal.
 
 A demonstration set is one ``.npz`` (written atomically): ``images`` uint8 [N, S, S, 3],
-``actions`` int64 [N, 3], ``episode`` int64 [N], ``instructions`` str [N], ``langs`` str [N].
+``actions`` int64 [N, 3], ``episode`` int64 [N], ``instructions`` str [N], ``langs`` str [N],
+``positions`` float32 [N, 3, 2]: the simulator's gripper, instruction's object and goal zone
+centres at each step (free supervision for a model's pointer head; sets written before it
+existed load without it).
 
 Layer: data.
 """
@@ -33,6 +36,7 @@ class Demonstrations:
     episode: np.ndarray
     instructions: list[str]
     langs: list[str]
+    positions: np.ndarray | None = None  # float32 [N, 3, 2], see the module docstring
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -47,7 +51,9 @@ class Demonstrations:
                 np.savez_compressed(handle, images=self.images, actions=self.actions,
                                     episode=self.episode,
                                     instructions=np.asarray(self.instructions),
-                                    langs=np.asarray(self.langs))
+                                    langs=np.asarray(self.langs),
+                                    **({} if self.positions is None
+                                       else {"positions": self.positions}))
 
         return atomic_write(path, write)
 
@@ -55,7 +61,24 @@ class Demonstrations:
     def load(cls, path: str | Path) -> Demonstrations:
         with np.load(path) as data:
             return cls(data["images"], data["actions"], data["episode"],
-                       [str(t) for t in data["instructions"]], [str(t) for t in data["langs"]])
+                       [str(t) for t in data["instructions"]], [str(t) for t in data["langs"]],
+                       data["positions"] if "positions" in data.files else None)
+
+
+def pointer_targets(env: Tabletop) -> np.ndarray:
+    """The centres of the gripper, the instruction's object and the goal zone: [3, 2]."""
+    s = env.state
+    return np.asarray([s.gripper, (env.target.x, env.target.y), (env.goal.x, env.goal.y)],
+                      np.float32)
+
+
+def _stack(images: list, actions: list, episode_ids: list, texts: list, text_langs: list,
+           positions: list, image_size: int) -> Demonstrations:
+    size = (0, image_size, image_size, 3)
+    return Demonstrations(np.stack(images) if images else np.zeros(size, np.uint8),
+                          np.asarray(actions, np.int64).reshape(-1, 3),
+                          np.asarray(episode_ids, np.int64), texts, text_langs,
+                          np.asarray(positions, np.float32).reshape(-1, 3, 2))
 
 
 def collect(episodes: int, *, seed: int = 0, split: str = "train", image_size: int = 48,
@@ -67,28 +90,27 @@ def collect(episodes: int, *, seed: int = 0, split: str = "train", image_size: i
     from ``imagefm.robot.closed_loop.EVAL_SEED`` up.
     """
     rng = np.random.default_rng([seed, 1])
-    images, actions, episode_ids, texts, text_langs = [], [], [], [], []
+    images, actions, episode_ids, texts, text_langs, positions = [], [], [], [], [], []
     for index in range(episodes):
         env = Tabletop.reset(seed + index, split)
         lang = langs[index % len(langs)]
         text = episode_instruction(env, lang, rng)
-        frames, labels = [], []
+        frames, labels, where = [], [], []
         while not env.done:
             action = expert_action(env, space)
             frames.append(env.observe(image_size))
             labels.append(space.encode(action))
+            where.append(pointer_targets(env))
             env.step(perturb(action, rng, space, noise))
         if not env.success:
             continue  # a rare stuck expert: its labels would never reach the goal
         images += frames
         actions += labels
+        positions += where
         episode_ids += [index] * len(frames)
         texts += [text] * len(frames)
         text_langs += [lang] * len(frames)
-    size = (0, image_size, image_size, 3)
-    return Demonstrations(np.stack(images) if images else np.zeros(size, np.uint8),
-                          np.asarray(actions, np.int64).reshape(-1, 3),
-                          np.asarray(episode_ids, np.int64), texts, text_langs)
+    return _stack(images, actions, episode_ids, texts, text_langs, positions, image_size)
 
 
 def collect_on_policy(policy: Callable[[np.ndarray, Sequence[str]], np.ndarray], episodes: int,
@@ -101,7 +123,7 @@ def collect_on_policy(policy: Callable[[np.ndarray, Sequence[str]], np.ndarray],
     instead. Every episode is kept (failures too: their states are the ones to learn from).
     """
     rng = np.random.default_rng([seed, 3])
-    images, actions, episode_ids, texts, text_langs = [], [], [], [], []
+    images, actions, episode_ids, texts, text_langs, positions = [], [], [], [], [], []
     for start in range(0, episodes, batch):
         index = list(range(start, min(start + batch, episodes)))
         envs = [Tabletop.reset(seed + i, split) for i in index]
@@ -114,19 +136,18 @@ def collect_on_policy(policy: Callable[[np.ndarray, Sequence[str]], np.ndarray],
                 label = expert_action(envs[k], space)
                 images.append(frame)
                 actions.append(space.encode(label))
+                positions.append(pointer_targets(envs[k]))
                 episode_ids.append(index[k])
                 texts.append(text[k])
                 text_langs.append(lang[k])
                 own = rng.random() >= expert_share
                 envs[k].step(space.decode(row) if own else label)
-    size = (0, image_size, image_size, 3)
-    return Demonstrations(np.stack(images) if images else np.zeros(size, np.uint8),
-                          np.asarray(actions, np.int64).reshape(-1, 3),
-                          np.asarray(episode_ids, np.int64), texts, text_langs)
+    return _stack(images, actions, episode_ids, texts, text_langs, positions, image_size)
 
 
 def concatenate(*sets: Demonstrations) -> Demonstrations:
-    """One demonstration set from several (episode ids offset so they stay distinct)."""
+    """One demonstration set from several (episode ids offset so they stay distinct; positions
+    kept only when every set has them)."""
     offset, episode_ids = 0, []
     for demo in sets:
         episode_ids.append(demo.episode + offset)
@@ -135,4 +156,6 @@ def concatenate(*sets: Demonstrations) -> Demonstrations:
                           np.concatenate([d.actions for d in sets]),
                           np.concatenate(episode_ids),
                           [t for d in sets for t in d.instructions],
-                          [lg for d in sets for lg in d.langs])
+                          [lg for d in sets for lg in d.langs],
+                          None if any(d.positions is None for d in sets)
+                          else np.concatenate([d.positions for d in sets]))
