@@ -18,6 +18,11 @@ several repeats so a noisy neighbour slows all alike; medians are printed. CPU b
     python benchmarks/bench_generate.py --vlm runs/vlm-q8     # a VLM, one image in the prompt
     python benchmarks/bench_generate.py --vlm qwen2-vl        # random ~0.5B Qwen2-VL, Q8_0 row
 
+With a .gguf model (SmolLM2 by default) and llama-cpp-python installed, llama.cpp on the same
+file, prompt ids and thread count is a row too (``--no-llama-cpp`` leaves it out; see
+``llama_cpp_anchor.py``), and the ratio of our quantised decode speed to its is printed.
+``--torch-step`` adds our quantised model decoding through PyTorch (no fused C step).
+
 ``--vlm qwen2-vl`` writes a random Qwen2-VL-architecture checkpoint (Qwen2-0.5B's LM, a small
 Qwen2-VL vision tower) once with transformers, in the Hugging Face layout, and times ours
 (``imagefm.load``) against ``Qwen2VLForConditionalGeneration`` on it: one photo, the same
@@ -35,21 +40,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import llama_cpp_anchor  # (benchmarks/ is the script's directory)
 import torch
 
 import imagefm
 from imagefm.convert.gguf import is_gguf, load_gguf
 from imagefm.convert.llama import config_to_hf_lm, hf_lm_state_dict
+from imagefm.models import fused_decode
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import decoder_preset
 from imagefm.models.generation import generate_tokens
+from imagefm.models.quant_kernel import kernel_cache_dir
 from imagefm.models.quantized import (
     FORMATS,
     QuantizedLinear,
     decode_weight_bytes,
     dequantize_decoder,
     is_quantized,
-    kernel_cache_dir,
     quantize_decoder,
 )
 
@@ -154,7 +161,6 @@ def check_same_tokens(model: DecoderLM, reference: torch.nn.Module, ids: torch.T
 def compare_kernels(rows: int = 3072, cols: int = 576, repeats: int = 200) -> None:
     """One [rows, cols] matrix times one vector: float32 F.linear, our Q4_1 kernel, and PyTorch's
     weight-only int4 (group 32, scales/zeros = d, m + 8d: the same weights) and int8 kernels."""
-    from imagefm.models.quantized import QuantizedLinear
 
     def clock(fn: Callable[[], object]) -> float:
         for _ in range(10):
@@ -192,85 +198,7 @@ def compare_kernels(rows: int = 3072, cols: int = 576, repeats: int = 200) -> No
             print(f"{name:26}{clock(fn):10.1f} us")
 
 
-# --- a Qwen2-VL-architecture model (``--vlm qwen2-vl``) -------------------------------------------
-
-QWEN2_VL_NAME = "qwen2-vl"
-# Qwen2-0.5B's language model (Qwen2-VL-2B has a 1.5B one) and a vision tower of Qwen2-VL's design
-# (14-px patches, two frames, 2x2 merger, QuickGELU) scaled down from Qwen2-VL-2B's (1280 wide,
-# 32 blocks), so the whole model has ~0.5B parameters: 494 M in the LM, 49 M in the tower.
-# Head dim 64 (896 / 14), so the M-RoPE sections are Qwen2-VL's [16, 24, 24] halved.
-QWEN2_VL_VISION = dict(depth=8, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=896)
-QWEN2_VL_TEXT = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     rms_norm_eps=1e-6, max_position_embeddings=32768,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                      "mrope_section": [8, 12, 12]})
-QWEN2_VL_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 128)  # <= 128 image tokens
-QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                     "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN2_VL_PROMPT = "Describe the image."
-
-
-def bench_cache_dir() -> Path:
-    """``$IMAGEFM_CACHE/bench`` or ``~/.cache/imagefm/bench`` (as the kernel cache)."""
-    return kernel_cache_dir().parent / "bench"
-
-
-def _qwen_tokenizer() -> object:
-    """A small byte-level BPE with Qwen's special tokens (the speed does not depend on it)."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN2_VL_SPECIALS,
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["You are a helpful assistant.", QWEN2_VL_PROMPT,
-                                 "system user assistant"] * 5, trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN2_VL_SPECIALS[1:])
-
-
-def qwen2_vl_checkpoint(directory: Path) -> Path:
-    """Write (once) a random Qwen2-VL checkpoint in the Hugging Face layout, by transformers.
-
-    The LM's matrices (embedding included: it is also the tied output head) are rounded to Q8_0
-    values, so the quantised run reads exactly the weights the float runs read."""
-    import transformers
-
-    done = directory / "model.safetensors"
-    if done.is_file():
-        return directory
-    print(f"writing a random Qwen2-VL checkpoint to {directory} (once)")
-    tokenizer = _qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
-    config = transformers.Qwen2VLConfig(
-        vision_config=QWEN2_VL_VISION,
-        text_config=dict(QWEN2_VL_TEXT, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        tie_word_embeddings=True, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        lm = model.model.language_model
-        for module in [lm.embed_tokens, *(m for m in lm.modules()
-                                          if isinstance(m, torch.nn.Linear))]:
-            module.weight.copy_(QuantizedLinear.from_float(module.weight, "q8_0").dequantize())
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "Qwen2VLImageProcessor", **QWEN2_VL_PIXELS}))
-    partial = directory / "partial"
-    model.save_pretrained(partial)  # then moved: a stopped run leaves no half checkpoint
-    for path in partial.iterdir():
-        path.rename(directory / path.name)
-    partial.rmdir()
-    return directory
+QWEN2_VL_NAME = "qwen2-vl"  # --vlm qwen2-vl: benchmarks/bench_generate_qwen_vl.py
 
 
 def is_qwen_vl_dir(path: Path) -> bool:
@@ -279,124 +207,9 @@ def is_qwen_vl_dir(path: Path) -> bool:
         "qwen2_vl", "qwen2_5_vl")
 
 
-def time_qwen_ours(vlm: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int
-                   ) -> tuple[float, float, torch.Tensor]:
-    """(seconds to the first token, seconds for the rest, the new tokens). The first token's
-    time includes the vision tower, the splice and the M-RoPE positions."""
-    start = time.perf_counter()
-    first, tokens = None, []
-    with torch.inference_mode():
-        prompt = vlm.generation_inputs(batch["input_ids"], batch["pixel_values"],
-                                       batch["image_grid_thw"])
-        for token in generate_tokens(vlm.lm, batch["input_ids"], **prompt,
-                                     max_new_tokens=new_tokens, eos_token_id=[]):
-            tokens.append(token)
-            if first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return first - start, end - first, torch.stack(tokens, dim=1)
-
-
-def time_qwen_hf(reference: torch.nn.Module, batch: dict[str, torch.Tensor], new_tokens: int
-                 ) -> tuple[float, float, torch.Tensor]:
-    clock = _Clock()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = reference.generate(**batch, do_sample=False, max_new_tokens=new_tokens,
-                                 streamer=clock)
-    end = time.perf_counter()
-    return clock.first - start, end - clock.first, out[:, batch["input_ids"].shape[1]:]
-
-
-def bench_qwen_vl(args: argparse.Namespace) -> None:
-    """Ours (imagefm.load) against transformers' Qwen2VLForConditionalGeneration on the same
-    HF checkpoint, image and prompt; the quantised run is the LM in Q8_0 blocks."""
-    import transformers
-    from PIL import Image
-
-    from imagefm.models.quantized import quantize_model
-
-    if str(args.vlm) == QWEN2_VL_NAME:
-        path = qwen2_vl_checkpoint(args.cache_dir / "qwen2-vl-0.5b-random")
-        source = "random Qwen2-VL-architecture model"
-    else:
-        path, source = args.vlm, str(args.vlm)
-    dtype = getattr(torch, args.dtype)
-    vlm, processor = imagefm.load(path, processor=True)  # float32: quantised from these
-    image = Image.open(args.image).convert("RGB")
-    batch = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image", "image": image}, {"type": "text", "text": QWEN2_VL_PROMPT}]}])
-    # transformers derives M-RoPE positions only with mm_token_type_ids (1-D ones without them)
-    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids",
-                                   "pixel_values", "image_grid_thw")}
-    ours = {}
-    exact = None
-    if args.quantize != "none":
-        quantized = quantize_model(copy.deepcopy(vlm), args.quantize)
-        if is_quantized(quantized):
-            lm = vlm.lm
-            exact = all(torch.equal(layer.dequantize(), lm.get_submodule(name).weight)
-                        for name, layer in quantized.lm.named_modules()
-                        if isinstance(layer, QuantizedLinear) and name != "quantized_head")
-            ours["imagefm quantized"] = quantized.to(args.device, dtype).eval()
-        else:
-            print("quantised kernel unavailable: no quantised run")
-    ours = {"imagefm": vlm.to(args.device, dtype).eval(), **ours}
-    reference = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
-    reference.generation_config.eos_token_id = None  # exactly max_new_tokens, as ours
-    reference.generation_config.pad_token_id = 0
-    batch = {k: v.to(args.device) for k, v in batch.items()}
-
-    runners: dict[str, Callable[[], tuple[float, float, torch.Tensor]]] = {
-        name: (lambda m=m: time_qwen_ours(m, batch, args.new_tokens)) for name, m in ours.items()}
-    runners["transformers"] = lambda: time_qwen_hf(reference, batch, args.new_tokens)
-    # the prompt's last logits, which also warms up (and builds the quantised kernel)
-    with torch.inference_mode():
-        expected = reference(**batch, logits_to_keep=1).logits[0, -1].float()
-        logits_error = {name: float((m(**batch, logits_to_keep=1).logits[0, -1].float()
-                                      - expected).abs().max())
-                        for name, m in ours.items()}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-    tokens: dict[str, torch.Tensor] = {}
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            ttft, rest, new = run()
-            assert new.shape[1] == args.new_tokens, (name, new.shape)
-            results[name].append((ttft, rest))
-            tokens.setdefault(name, new)
-    theirs = tokens["transformers"]
-    same = {name: int((tokens[name] == theirs).cumprod(1).sum()) for name in ours}
-
-    grid = batch["image_grid_thw"][0].tolist()
-    vision = sum(p.numel() for p in vlm.vision.parameters())
-    print(f"model: {source} ({vlm.num_parameters / 1e6:.1f} M parameters: vision "
-          f"{vision / 1e6:.1f} M, LM {vlm.lm.num_parameters / 1e6:.1f} M; {args.dtype}, "
-          f"{args.device}, {torch.get_num_threads()} threads)")
-    print(f"image {args.image.name} {image.width}x{image.height} -> patch grid {grid} "
-          f"({vlm.config.image_tokens(tuple(grid))} image tokens); prompt "
-          f"{batch['input_ids'].shape[1]} tokens, {args.new_tokens} new tokens, greedy, "
-          f"{args.repeats} repeats (median)")
-    if "imagefm quantized" in ours:
-        print(f"quantised: the LM in {args.quantize} blocks "
-              f"({_weight_megabytes(ours['imagefm quantized'].lm):.1f} MB read per token against "
-              f"{_weight_megabytes(ours['imagefm'].lm):.1f} MB); its blocks hold exactly the "
-              f"float32 weights: {exact}")
-    print("greedy tokens equal to transformers' (leading tokens that agree, of "
-          f"{args.new_tokens}): " + ", ".join(f"{n} {k}" for n, k in same.items()))
-    print(f"prompt's last logits (largest |value| {float(expected.abs().max()):.3f}), largest "
-          "difference to transformers': "
-          + ", ".join(f"{n} {e:.2e}" for n, e in logits_error.items()))
-    print(f"ours' first new tokens: {tokens['imagefm'][0, :8].tolist()}")
-    summary, ratios = _summarise(results, args.new_tokens, list(ours))
-    if args.json:
-        record = {"source": source, "path": str(path), "args": {k: str(v) for k, v in
-                                                                 vars(args).items()},
-                  "image_grid_thw": grid, "prompt_tokens": batch["input_ids"].shape[1],
-                  "quantized_exact": exact, "same_leading_tokens": same,
-                  "last_logit_max_difference": logits_error, "results": summary,
-                  "speedups": ratios}
-        args.json.write_text(json.dumps(record, indent=2))
+def bench_cache_dir() -> Path:
+    """``$IMAGEFM_CACHE/bench`` or ``~/.cache/imagefm/bench`` (as the kernel cache)."""
+    return kernel_cache_dir().parent / "bench"
 
 
 def main() -> None:
@@ -425,6 +238,11 @@ def main() -> None:
                         help="quantised run of a non-GGUF model (GGUF files keep their blocks); "
                              "none: skip the quantised run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                        help="a llama.cpp row (default: on for a .gguf model when "
+                             "llama-cpp-python imports)")
+    parser.add_argument("--torch-step", action="store_true",
+                        help="also our quantised model without the fused decoding step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -432,6 +250,9 @@ def main() -> None:
         compare_kernels()
         return
     if args.vlm is not None and (str(args.vlm) == QWEN2_VL_NAME or is_qwen_vl_dir(args.vlm)):
+        # its own file (this one's helpers are shared with it); loaded only for this case
+        from bench_generate_qwen_vl import bench_qwen_vl
+
         if args.quantize == "q4_1":  # the LM default; 4-bit breaks fine-tuned VLMs
             args.quantize = "q8_0"
         bench_qwen_vl(args)
@@ -483,12 +304,24 @@ def main() -> None:
     ours = {"imagefm": model}
     if quantized is not None:
         ours["imagefm quantized"] = quantized.to(args.device, dtype).eval()
+    gguf = None if args.vlm or args.preset else args.model or smollm2_path()
+    anchor = _llama_cpp(args, gguf)
     # also a warm-up (and for the quantised model: the kernel build)
     same = {name: check_same_tokens(m, reference, ids, min(args.new_tokens, 16), embed)
             for name, m in ours.items()}
     runners: dict[str, Callable[[], tuple[float, float]]] = {
         name: (lambda m=m: time_ours(m, ids, args.new_tokens, embed)) for name, m in ours.items()}
     runners["transformers"] = lambda: time_hf(reference, ids, args.new_tokens, embed)
+    if args.torch_step and quantized is not None:
+        runners["imagefm q (torch)"] = lambda: _unfused(ours["imagefm quantized"], ids,
+                                                             args.new_tokens)
+    anchor_tokens = None
+    if anchor is not None:
+        def run_anchor() -> tuple[float, float]:
+            nonlocal anchor_tokens
+            ttft, rest, anchor_tokens = anchor.generate(ids[0].tolist(), args.new_tokens)
+            return ttft, rest
+        runners["llama.cpp"] = run_anchor
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
@@ -503,6 +336,17 @@ def main() -> None:
           f"{args.repeats} repeats (median); same greedy tokens as transformers: "
           + ", ".join(f"{name} {ok}" for name, ok in same.items()))
     summary, ratios = _summarise(results, args.new_tokens, list(ours))
+    if anchor is not None and quantized is not None:
+        mine = [int(t) for t in generate_tokens(ours["imagefm quantized"], ids,
+                                                max_new_tokens=args.new_tokens, eos_token_id=[])]
+        pairs = zip(mine, anchor_tokens, strict=True)
+        agree = next((i for i, (a, b) in enumerate(pairs) if a != b), len(mine))
+        ratio = (summary["imagefm quantized"]["decode_tokens_per_s"]
+                 / summary["llama.cpp"]["decode_tokens_per_s"])
+        ratios["imagefm quantized"]["decode_over_llama_cpp"] = ratio
+        print(f"imagefm quantized over llama.cpp (same file, {torch.get_num_threads()} "
+              f"threads): decode {ratio:.2f}x (median); greedy tokens agree for the first "
+              f"{agree} of {args.new_tokens}")
     if args.json:
         record = {"source": source, "args": {k: str(v) for k, v in vars(args).items()},
                   "quantized": how, "same_tokens": same, "results": summary,
@@ -534,6 +378,27 @@ def _summarise(results: dict[str, list[tuple[float, float]]], new_tokens: int,
         print(f"{name} over transformers: decode {ratio:.2f}x (median), {best:.2f}x (best "
               f"runs); first token {ttft:.2f}x")
     return summary, ratios
+
+
+def _llama_cpp(args: argparse.Namespace, path: Path | None) -> object | None:
+    """The llama.cpp runner where asked for (or by default possible), else None."""
+    wanted = args.llama_cpp
+    if wanted is False or path is None or not is_gguf(path) or args.device != "cpu":
+        return None
+    if not llama_cpp_anchor.available():
+        if wanted:
+            raise SystemExit("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python)")
+        return None
+    return llama_cpp_anchor.LlamaCpp(path, torch.get_num_threads(),
+                                     args.prompt_tokens + args.new_tokens + 16)
+
+
+def _unfused(model: DecoderLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    fused_decode.ENABLED = False
+    try:
+        return time_ours(model, ids, new_tokens)
+    finally:
+        fused_decode.ENABLED = True
 
 
 def _weight_megabytes(model: torch.nn.Module) -> float:

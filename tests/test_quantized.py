@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")
 import imagefm  # noqa: E402
 from imagefm.convert import gguf as gguf_convert  # noqa: E402
 from imagefm.convert.gguf import load_gguf  # noqa: E402
-from imagefm.models import quant_kernel, quantized  # noqa: E402
+from imagefm.models import fused_decode, quant_kernel, quantized  # noqa: E402
 from imagefm.models.decoder import DecoderLM  # noqa: E402
 from imagefm.models.decoder_config import DecoderConfig  # noqa: E402
 from imagefm.models.quantized import (  # noqa: E402
@@ -118,7 +118,8 @@ from test_gguf import _reference, _trained_bpe, _write_gguf  # noqa: E402
                                                    ("llama", False, "Q8_0")])
 def test_gguf_loads_quantized_with_the_float_loads_results(arch: str, tied: bool,
                                                            matrix_type: str,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path,
+                                                           monkeypatch) -> None:
     path = tmp_path / "model.gguf"
     _write_gguf(path, _reference(arch, tied), arch, matrix_type)
     dense, packed = load_gguf(path), load_gguf(path, keep_quantized=True)
@@ -144,14 +145,18 @@ def test_gguf_loads_quantized_with_the_float_loads_results(arch: str, tied: bool
                 - dense(last, cache=step_dense).logits).abs().max() <= 1e-4
         embeds = dense.get_input_embeddings()(ids)
         assert (packed(inputs_embeds=embeds).logits - expected).abs().max() <= 1e-4
-    assert torch.equal(packed.generate(ids, max_new_tokens=8, eos_token_id=[]),
-                       dense.generate(ids, max_new_tokens=8, eos_token_id=[]))
-    # left padding: each row as it would be alone
+    # left padding: each row as it would be alone, with the fused decoding step (int8-rounded
+    # inputs, tests/test_fused_decode.py) and without it
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    padded = packed.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
-    alone = packed.generate(ids[:1, 5:], max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(padded[0, 12:], alone[0, 7:])
+    for fused in (True, False):
+        monkeypatch.setattr(fused_decode, "ENABLED", fused)
+        padded = packed.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+        alone = packed.generate(ids[:1, 5:], max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(padded[0, 12:], alone[0, 7:])
+    # without it (float inputs) the same weights give the same tokens as the float model
+    assert torch.equal(packed.generate(ids, max_new_tokens=8, eos_token_id=[]),
+                       dense.generate(ids, max_new_tokens=8, eos_token_id=[]))
     assert torch.equal(padded, dense.generate(ids, attention_mask=mask, max_new_tokens=6,
                                               eos_token_id=[]))
     # an imagefm checkpoint holds the file's blocks as they are

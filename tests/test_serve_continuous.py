@@ -19,6 +19,7 @@ import torch
 
 import imagefm
 from imagefm.apps.vlm_chat import GenerationOptions, Reply, build_prompt
+from imagefm.models import fused_decode
 from imagefm.models.batched_decode import BatchDecoder, decode_step
 from imagefm.models.decoder import DecoderLM
 from imagefm.models.decoder_config import decoder_preset
@@ -167,11 +168,14 @@ def test_m_rope_rows_continue_their_own_positions():
     assert [got[i] for i in range(4)] == expected
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_quantized_rows_are_bit_for_bit_those_alone(quantized_lm, threads):
+def test_quantized_rows_are_bit_for_bit_those_alone(quantized_lm, threads, fused, monkeypatch):
     """With the quantised kernel each row's logits in a batched step are exactly its logits
-    decoded alone (a single-row forward with its own cache), at 1 to 12 rows."""
+    decoded alone (a single-row step with its own cache: the fused C step that
+    generate_tokens runs, or without it a single-row forward), at 1 to 12 rows."""
     torch.set_num_threads(threads)  # (restored by conftest)
+    monkeypatch.setattr(fused_decode, "ENABLED", fused)
     lm = quantized_lm
     prompts = [torch.randint(3, lm.config.vocab_size, (1, 4 + 3 * i)) for i in range(12)]
     caches, tokens, alone = [], [], []
@@ -180,7 +184,8 @@ def test_quantized_rows_are_bit_for_bit_those_alone(quantized_lm, threads):
             cache = lm.new_cache(1, prompt.shape[1] + 2)
             first = lm(prompt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
             single = copy.deepcopy(cache)
-            alone.append(lm(first[:, None], cache=single, logits_to_keep=1).logits[:, -1])
+            alone.append(decode_step(lm, first, [single]) if fused else
+                         lm(first[:, None], cache=single, logits_to_keep=1).logits[:, -1])
             caches.append(cache)
             tokens.append(first)
         batched = decode_step(lm, torch.cat(tokens), caches)

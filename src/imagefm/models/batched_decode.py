@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from imagefm.models.decoder import DecoderLM, KVCache
+from imagefm.models.fused_decode import fused_decoder
 from imagefm.models.generation import TokenPicker, _check_options
 
 
@@ -49,7 +50,11 @@ class RowCaches:
 @torch.inference_mode()
 def decode_step(lm: DecoderLM, tokens: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
     """One decoding step for ``len(caches)`` sequences: ``tokens`` [B] are each sequence's last
-    token, written at its own position; returns the logits [B, vocab] of the next token."""
+    token, written at its own position; returns the logits [B, vocab] of the next token.
+    A quantised model runs the step in C (models/fused_decode.py), as a sequence alone does."""
+    fused = fused_decoder(lm)
+    if fused is not None:
+        return fused.step(tokens, caches)
     x = lm.embed_tokens(tokens[:, None])
     lengths = [cache.length for cache in caches]
     positions = torch.tensor(lengths, device=x.device)[:, None]

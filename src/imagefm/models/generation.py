@@ -15,6 +15,10 @@ penalty sees the prompt and the generated tokens, but never padding.
 
 Rows that finish (EOS or a stop string) keep receiving ``pad_token_id`` until every row is done,
 so a batch returns one rectangular tensor.
+
+A quantised model's decoding steps (after the prompt) run as one C call each
+(:mod:`imagefm.models.fused_decode`, llama.cpp's int8-rounded products); other models, and
+prompts padded other than on the left, go through the model's forward.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+
+from imagefm.models.fused_decode import fused_decoder
 
 # --- logit processors ----------------------------------------------------------------------------
 
@@ -246,22 +252,33 @@ def generate_tokens(
         cache.rope_deltas = rope_deltas
     all_ids = input_ids
     embeds = inputs_embeds
+    # A quantised model: each step is one C call (models/fused_decode.py); left padding only.
+    fused = fused_decoder(model) if use_cache else None
+    prompt_mask = full_mask[:, :length]
+    if fused is not None and padded and not bool((prompt_mask[:, 1:] >= prompt_mask[:, :-1]).all()):
+        fused = None
+    padding = (prompt_mask == 0).sum(1).tolist() if fused is not None and padded else None
+    logits = out.logits[:, -1]
 
     for step in range(max_new_tokens):
-        token = picker.pick(out.logits[:, -1])
+        token = picker.pick(logits)
         yield token
         if picker.update(token) or step == max_new_tokens - 1:
             return
         total = length + step + 1
         mask = full_mask[:, :total] if padded else None
-        if use_cache:
+        if fused is not None:
+            logits = fused.step_batch(token, cache, padding)
+        elif use_cache:
             out = model(token[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)
+            logits = out.logits[:, -1]
         else:  # the reference path: the whole sequence again, no cache
             all_ids = torch.cat([all_ids, token[:, None]], dim=1)
             if embeds is not None:
                 embeds = torch.cat([embeds, model.get_input_embeddings()(token[:, None])], 1)
             out = model(input_ids=None if embeds is not None else all_ids, inputs_embeds=embeds,
                         attention_mask=mask, logits_to_keep=1)
+            logits = out.logits[:, -1]
 
 
 def generate(

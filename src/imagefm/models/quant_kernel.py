@@ -4,6 +4,7 @@ with the system compiler (``$CC``, default ``cc``) on first use into ``~/.cache/
 
     kernel()            the loaded library, or None (no compiler, or the build failed)
     kernel_status()     (built?, why not)
+    build_library(...)  compile, cache and load a C source (used by every kernel here)
 
 Kept apart from the layers so that a reader of ``quantized.py`` sees the block formats and the
 layer, and a reader of this file the C and how it is built.
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # --- the kernel ----------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ void int8_dequantize(const uint8_t *q, const float *d, float *w, int64_t N, int6
 
 # Flag sets tried in order; the first that compiles and loads wins. (Whether ``d*q + m`` is
 # contracted to one FMA does not matter: d*q is exact in float32.)
-_FLAG_SETS = (
+FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-mcpu=native", "-fopenmp"],
     ["-O3", "-march=native"],
@@ -202,7 +204,14 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
-def _build() -> ctypes.CDLL:
+def build_library(stem: str, source_text: str, bind: Callable[[ctypes.CDLL], ctypes.CDLL],
+                  flag_sets: Sequence[Sequence[str]] = FLAG_SETS) -> ctypes.CDLL:
+    """Compile C ``source_text`` into ``<cache>/<stem>-<hash>.so`` (the first of ``flag_sets``
+    that compiles and loads; reused while source, compiler, flags and CPU are unchanged), load
+    it and declare its functions with ``bind``. The one build mechanism of every C kernel here
+    (this file's, and the fused decoding step's, ``imagefm.models.fused_kernel``).
+
+    Raises RuntimeError (saying why) where no compiler exists or no flag set builds."""
     from imagefm.checkpoint import atomic_write
 
     compiler = os.environ.get("CC", "cc")
@@ -216,18 +225,23 @@ def _build() -> ctypes.CDLL:
     directory = _build_directory()
     errors = []
     with tempfile.TemporaryDirectory() as scratch:
-        source = Path(scratch) / "quantized.c"
-        source.write_text(KERNEL_SOURCE)
-        for flags in _FLAG_SETS:
-            key = "\n".join([KERNEL_SOURCE, compiler, version, " ".join(flags), _cpu_signature()])
-            target = directory / f"quantized-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        source = Path(scratch) / f"{stem}.c"
+        source.write_text(source_text)
+        for flags in flag_sets:
+            flags = list(flags)
+            key = "\n".join([source_text, compiler, version, " ".join(flags), _cpu_signature()])
+            target = directory / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
             try:
                 if not target.is_file():  # written whole or not at all (parallel builds race)
                     atomic_write(target, lambda tmp, f=flags: _compile(compiler, f, source, tmp))
-                return _bind(ctypes.CDLL(str(target)))
+                return bind(ctypes.CDLL(str(target)))
             except (_CompileError, OSError) as err:
                 errors.append(f"{compiler} {' '.join(flags)}: {err}")
-    raise RuntimeError("could not build the quantised matmul kernel:\n" + "\n".join(errors))
+    raise RuntimeError(f"could not build the {stem} kernel:\n" + "\n".join(errors))
+
+
+def _build() -> ctypes.CDLL:
+    return build_library("quantized", KERNEL_SOURCE, _bind)
 
 
 def kernel() -> ctypes.CDLL | None:
