@@ -231,7 +231,7 @@ def test_cli_export_writes_the_lm_and_the_mmproj(tiny_llama_dir: Path, tiny_vlm:
                                       "--quant", "f32", "--out", str(tmp_path / "gguf")])
     assert result.exit_code == 0, result.output
     assert "projector mlp" in result.output
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["mmproj-f16.gguf",
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["mmproj-f32.gguf",
                                                                      "model-f32.gguf"]
     # The small bilingual VLM's shape (a CLIP tower with a class token, the pixel-shuffle
     # projector): refused with the reason, nothing written.

@@ -85,3 +85,22 @@ def test_quickstart_refuses_bad_settings() -> None:
         QuickstartSettings(batch_size=10, group_size=4)
     with pytest.raises(ConfigError, match="clip"):
         QuickstartSettings(loss="triplet")
+    with pytest.raises(ConfigError, match="pool must be 'cls' or 'mean'"):
+        QuickstartSettings(pool="max")
+
+
+def test_quickstart_mean_pool_builds_a_tower_without_class_token() -> None:
+    """``--pool mean``: no class token (the tower llama.cpp's VLM graph can run), so the
+    tower's tokens are its patches only and the pooled vector is their mean."""
+    from imagefm.apps.quickstart import build_model
+    from imagefm.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["a red circle", "빨간 원"] * 4, 300, context_length=16)
+    cls = build_model(QuickstartSettings(), tokenizer)
+    mean = build_model(QuickstartSettings(pool="mean"), tokenizer)
+    assert cls.config.vision.class_token and cls.config.vision.pool == "cls"
+    assert not mean.config.vision.class_token and mean.config.vision.pool == "mean"
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        embeds = mean.encode_image(pixels)
+    assert embeds.shape == cls.encode_image(pixels).shape

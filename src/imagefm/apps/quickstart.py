@@ -46,6 +46,8 @@ class QuickstartSettings:
 
     out: Path = Path("runs/quickstart")
     loss: str = "clip"  # clip | siglip
+    pool: str = "cls"  # cls | mean: the image tower pools its class token, or the mean of its
+    # patches with no class token (a tower llama.cpp's llava graph can run: docs/deploy.md)
     steps: int = 1000
     batch_size: int = 128
     group_size: int = 4  # minimal-pair group size (batches hold whole groups)
@@ -70,6 +72,8 @@ class QuickstartSettings:
 
         if self.loss not in ("clip", "siglip"):
             raise ConfigError(f"quickstart loss must be 'clip' or 'siglip', got {self.loss!r}")
+        if self.pool not in ("cls", "mean"):
+            raise ConfigError(f"quickstart pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.scenes not in SCENE_STYLES:
             raise ConfigError(f"quickstart scenes must be one of {', '.join(SCENE_STYLES)}, "
                               f"got {self.scenes!r}")
@@ -164,6 +168,8 @@ def build_model(settings: QuickstartSettings, tokenizer: Any) -> Any:
 
     base = imagefm.preset("tiny")
     vision = dataclasses.replace(base.vision, image_size=settings.image_size)
+    if settings.pool == "mean":
+        vision = dataclasses.replace(vision, class_token=False, pool="mean")
     # Our trained BPE gives EOS a low id (specials first): the text tower pools at that id.
     config = fit_text_to_tokenizer(dataclasses.replace(base, vision=vision), tokenizer)
     if settings.loss == "siglip":

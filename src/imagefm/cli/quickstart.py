@@ -12,6 +12,8 @@ def register(app: typer.Typer) -> None:
     def quickstart(
         out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (model, report)."),
         loss: str = typer.Option("clip", help="clip (softmax) or siglip (sigmoid)."),
+        pool: str = typer.Option("cls", help="Image pooling: cls (a class token) or mean (no "
+                                             "class token: a tower llama.cpp's VLM graph runs)."),
         steps: int = typer.Option(1000, min=1, help="Training steps (the time budget)."),
         batch_size: int = typer.Option(128, min=4, help="Scenes per step."),
         samples: int = typer.Option(20_000, min=64, help="Synthetic training scenes (at least "
@@ -37,8 +39,9 @@ def register(app: typer.Typer) -> None:
         """
         from imagefm.apps.quickstart import QuickstartSettings, run_quickstart
 
-        settings = QuickstartSettings(out=out, loss=loss, steps=steps, batch_size=batch_size,
-                                      samples=samples, scenes=scenes, lr=lr, device=device,
+        settings = QuickstartSettings(out=out, loss=loss, pool=pool, steps=steps,
+                                      batch_size=batch_size, samples=samples, scenes=scenes,
+                                      lr=lr, device=device,
                                       eval_images=eval_images, seed=seed,
                                       threads=threads or None, real_data=real_data,
                                       progress=progress)

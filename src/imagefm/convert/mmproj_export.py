@@ -3,6 +3,7 @@ an "mmproj" GGUF file beside it (what llama.cpp's multimodal tools -- ``llama-mt
 ``llama-server --mmproj``, llama-cpp-python's ``MTMDChatHandler`` -- load).
 
     export_vlm_gguf(vlm, "out/", quant="q8_0")   out/model-q8_0.gguf + out/mmproj-f16.gguf
+    export_vlm_gguf(vlm, "out/", quant="f32")    out/model-f32.gguf + out/mmproj-f32.gguf
     export_mmproj(vlm, "mmproj.gguf", dtype="f16")
 
 Projector type: ``mlp``, llama.cpp's LLaVA-1.5 projector (``mm.0`` -> GELU -> ``mm.2``), for
@@ -36,6 +37,11 @@ tests/test_mmproj_export.py). llama.cpp resizes with Pillow's bicubic filter: sq
 resize alike under a bicubic card (a bilinear one, SigLIP's, differs slightly); other shapes are
 letterboxed to the square (padded with grey 122,116,104) where imagefm resizes the shortest side
 (or squashes) and centre-crops: crop such images first for the same answers.
+
+The small bilingual VLM recomposed this way (the quickstart's ViT trained without a class token,
+SmolLM2-135M with Korean tokens added by ``imagefm extend-vocab``, ``mlp2x_gelu``), written in
+F32, gives imagefm's greedy answers word for word in llama.cpp on 20 synthetic questions in
+English and Korean (tests/test_llama_cpp_vlm.py, docs/results.md).
 """
 
 from __future__ import annotations
@@ -210,9 +216,11 @@ def export_mmproj(vlm: VLM, path: str | Path, *, dtype: str = "f16",
 
 
 def export_vlm_gguf(vlm: VLM, out_dir: str | Path, *, quant: str = "f16",
-                    mmproj_dtype: str = "f16") -> tuple[Path, Path]:
+                    mmproj_dtype: str | None = None) -> tuple[Path, Path]:
     """``out_dir/model-<quant>.gguf`` (the LM, :func:`imagefm.convert.gguf_export.export_gguf`)
     and ``out_dir/mmproj-<mmproj_dtype>.gguf``, both checked before either is written.
+    ``mmproj_dtype`` defaults to ``f32`` for an F32 LM (the files to compare answers with
+    imagefm's) and ``f16`` otherwise (what llama.cpp's converter writes).
 
     A VLM without a chat template of its own gets imagefm's ChatML, written to read content
     parts (the text of llama.cpp's media marker for an image), so chat handlers that pass
@@ -220,6 +228,8 @@ def export_vlm_gguf(vlm: VLM, out_dir: str | Path, *, quant: str = "f16",
     """
     check_mmproj_exportable(vlm)
     check_exportable(vlm.lm)
+    if mmproj_dtype is None:
+        mmproj_dtype = "f32" if quant == "f32" else "f16"
     if mmproj_dtype not in DTYPES:
         raise CheckpointError(f"mmproj_dtype={mmproj_dtype!r}: choose one of {', '.join(DTYPES)}")
     lm = vlm.lm
