@@ -202,7 +202,7 @@ def _gguf_quant(quant: str) -> str:
 
     if quant not in QUANTS:
         raise typer.BadParameter(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r} "
-                                 f"(k-quants: export f16 or q8_0, then run llama-quantize)")
+                                 f"(other k-quants: export f16 or q8_0, then llama-quantize)")
     return quant
 
 
@@ -211,7 +211,7 @@ def _export_gguf(model: Any, out: Path, quant: str) -> None:
     from imagefm.convert.gguf_export import describe_gguf_export, export_gguf
     from imagefm.models.vlm import VLM
 
-    if isinstance(model, VLM):  # --out is a directory: model-QUANT.gguf + mmproj-f16.gguf
+    if isinstance(model, VLM):  # --out is a directory: model-QUANT.gguf + mmproj-f16.gguf (f32)
         from imagefm.convert.mmproj_export import describe_mmproj_export, export_vlm_gguf
 
         lm_path, mmproj_path = export_vlm_gguf(model, out, quant=quant)
@@ -294,8 +294,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of synthetic images."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset of the graphs."),
         quant: str = typer.Option(None, "--quant", help="--format gguf: f16 (default), f32, "
-                                                        "q8_0, q4_0 or q4_1 (4-bit files keep "
-                                                        "the output head q8_0)."),
+                                                        "q8_0, q4_0, q4_1 or q4_k (4-bit files "
+                                                        "keep the output head q8_0; q4_k: Q5_0 "
+                                                        "for rows not in blocks of 256)."),
         arch: str = typer.Option(None, help="open_clip architecture of a bare state-dict file."),
     ) -> None:
         """Export a model: ONNX graphs for runtimes without imagefm (--format onnx, optionally

@@ -1,7 +1,7 @@
 """imagefm decoder LMs to GGUF files that llama.cpp (and anything built on it) runs.
 
     export_gguf(model, "model.gguf", quant="q8_0")   a DecoderLM, float or quantised
-    QUANTS                                         f32, f16, q8_0, q4_0, q4_1
+    QUANTS                                         f32, f16, q8_0, q4_0, q4_1, q4_k
 
 What the file holds, as llama.cpp's own ``convert_hf_to_gguf.py`` would write it:
 * the architecture (``llama``, ``qwen2`` or ``qwen3``, from ``DecoderConfig.model_type``) and its
@@ -20,10 +20,14 @@ Types, as llama.cpp's tools choose them: vectors (norms, biases) stay F32; matri
 For 4-bit files the output projection (``output.weight``, or the tied ``token_embd.weight``) is
 Q8_0, as imagefm's own quantiser and llama-quantize keep it finer (llama-quantize uses Q6_K).
 A matrix whose rows do not split into blocks of 32 is stored F16. Float weights are quantised
-with ``gguf.quants`` (llama.cpp's reference quantisers, in numpy); a model already holding Q4/Q8
-blocks (``imagefm quantize``, ``load_gguf(..., keep_quantized=True)``) writes those blocks as they
-are when the requested type can hold them, so nothing is rounded twice.
-Q4_K and the other k-quants are not written here: export F16 or Q8_0 and run ``llama-quantize``.
+with ``gguf.quants`` (llama.cpp's reference quantisers, in numpy), Q4_K with
+:mod:`imagefm.convert.gguf_kquants` (ours; the same bytes as ggml's reference quantiser). ``q4_k``
+is Q4_K for every matrix whose rows split into blocks of 256 and, as llama-quantize falls back,
+Q5_0 for the others (F16 below 32): not llama.cpp's Q4_K_M mix, which puts Q6_K in some tensors
+(none is written here). A model already holding Q4/Q8 blocks (``imagefm quantize``,
+``load_gguf(..., keep_quantized=True)``) writes those blocks as they are when the requested type
+can hold them, so nothing is rounded twice (Q4_K re-quantises their float values).
+The other k-quants are not written here: export F16 or Q8_0 and run ``llama-quantize``.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ import torch
 
 from imagefm.checkpoint import CheckpointError, atomic_write
 from imagefm.convert.gguf import ARCHITECTURES, gguf_key_map, read_gguf
+from imagefm.convert.gguf_kquants import QK_K, quantize_q4_k
 from imagefm.convert.gguf_vocab import tokenizer_metadata
 from imagefm.convert.llama import config_to_hf_lm
 from imagefm.models.decoder import DecoderLM, rope_inverse_frequencies
 from imagefm.models.quantized import QuantizedLinear, dequantize_decoder, is_quantized
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
 BLOCK = 32
 # The ChatML that imagefm renders for a model without a template (imagefm.chat.render_chatml).
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -92,10 +97,10 @@ def check_exportable(model: Any) -> str:
 def _matrix_types(quant: str, head: str | None) -> tuple[str, str]:
     """(type of the layers' matrices, type of the output projection)."""
     if quant not in QUANTS:
-        raise CheckpointError(f"quant={quant!r}: choose one of {', '.join(QUANTS)} (Q4_K and "
+        raise CheckpointError(f"quant={quant!r}: choose one of {', '.join(QUANTS)} (the "
                               f"other k-quants: export f16 or q8_0, then run llama-quantize)")
     if head is None:
-        head = "q8_0" if quant in ("q4_0", "q4_1") else quant
+        head = "q8_0" if quant in ("q4_0", "q4_1", "q4_k") else quant
     if head not in QUANTS:
         raise CheckpointError(f"head={head!r}: choose one of {', '.join(QUANTS)}")
     return quant, head
@@ -182,6 +187,11 @@ def gguf_tensors(model: DecoderLM, quant: str = "f16", head: str | None = None
                 wanted
         elif tensor.shape[1] % BLOCK:
             yield name, tensor.numpy().astype(np.float16), "F16"  # as llama.cpp falls back
+        elif wanted == "Q4_K" and tensor.shape[1] % QK_K == 0:
+            yield name, quantize_q4_k(tensor.numpy()), wanted
+        elif wanted == "Q4_K":  # rows not in blocks of 256: llama-quantize's Q4_K fallback
+            yield name, gguf.quants.quantize(tensor.numpy(), gguf.GGMLQuantizationType.Q5_0), \
+                "Q5_0"
         elif name in blocks and (data := _block_bytes(blocks[name], wanted)) is not None:
             yield name, data.numpy(), wanted
         else:
@@ -195,7 +205,8 @@ def _add_config(writer: Any, model: DecoderLM, quant: str, name: str | None) -> 
     gguf = gguf_package()
     c = model.config
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
-                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+                  "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1",
+                  "q4_k": "MOSTLY_Q4_K_S"}  # Q4_K, no Q6_K: nearest llama.cpp's "Q4_K - Small"
     writer.add_name(name or f"imagefm {c.model_type}")
     writer.add_file_type(int(gguf.LlamaFileType[file_types[quant]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -222,9 +233,9 @@ def export_gguf(model: DecoderLM, path: str | Path, *, quant: str = "f16",
     """Write ``model`` (with its tokenizer and chat template) as a GGUF file llama.cpp runs.
 
     ``quant``: the matrices' type, one of :data:`QUANTS`; ``head``: the output projection's type
-    (default: ``quant``, Q8_0 for the 4-bit types); ``name``: ``general.name``. The file is
-    written whole or not at all. Raises :class:`CheckpointError` for a model llama.cpp cannot
-    run, naming what stands in the way, before anything is written.
+    (default: ``quant``; Q8_0 for the 4-bit types, q4_k included); ``name``: ``general.name``.
+    The file is written whole or not at all. Raises :class:`CheckpointError` for a model
+    llama.cpp cannot run, naming what stands in the way, before anything is written.
     """
     gguf = gguf_package()
     arch = check_exportable(model)
