@@ -52,7 +52,8 @@ def integer_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 
 def fused_matvec(library: ctypes.CDLL, layer: QuantizedLinear, x: torch.Tensor,
                  threads: int = 1) -> torch.Tensor:
-    mat = Mat(q=layer.qweight.data_ptr(), s=layer.scales.data_ptr(), bias=None,
+    scales = fused_decode.half_scales(layer)
+    mat = Mat(q=layer.qweight.data_ptr(), s=scales.data_ptr(), bias=None,
               n=layer.out_features, k=layer.in_features, type=layer.bits)
     y = torch.empty(x.shape[0], layer.out_features)
     library.fused_matvec(ctypes.byref(mat), x.data_ptr(), y.data_ptr(), x.shape[0], threads)

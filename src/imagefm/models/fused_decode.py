@@ -56,6 +56,16 @@ class _NotFused(Exception):
     pass
 
 
+def half_scales(linear: QuantizedLinear) -> torch.Tensor:
+    """The layer's block scales as float16, what the C reads (20 bytes a Q4_1 block, as in the
+    GGUF file, instead of 24): exact, since every quantiser here rounds scales to float16."""
+    scales = _float(linear.scales, "scales")
+    half = scales.half()
+    if not torch.equal(half.float(), scales):
+        raise _NotFused("block scales that are not float16 values")
+    return half.contiguous()
+
+
 def _float(t: torch.Tensor | None, what: str) -> torch.Tensor | None:
     if t is None:
         return None
@@ -144,7 +154,7 @@ class FusedDecoder:
         if linear.qweight.device.type != "cpu":
             raise _NotFused("quantised weights off the CPU")
         qweight = self._keep(linear.qweight.contiguous())
-        scales = self._keep(_float(linear.scales, "scales"))
+        scales = self._keep(half_scales(linear))
         bias = _float(linear.bias, "a bias")
         return Mat(q=qweight.data_ptr(), s=scales.data_ptr(),
                    bias=None if bias is None else self._keep(bias).data_ptr(),

@@ -10,7 +10,8 @@ matrix-vector products: the input vector is quantised once per product to int8 b
                              ``quant_kernel.build_library`` (one build mechanism for all kernels)
 
 Weights: 4-bit blocks ``w = d*q + m`` (Q4_1, and Q4_0 stored with m = -8d), 8-bit ``w = d*q``
-(Q8_0), as :class:`~imagefm.models.quantized.QuantizedLinear` holds them (float32 scales), or
+(Q8_0), as :class:`~imagefm.models.quantized.QuantizedLinear` holds them (scales as float16, as
+in the file: ``fused_decode.half_scales``), or
 float32 rows (a float output head). The step's small operations (RMSNorm, rotary, attention over
 the KV cache, SiLU) are float32; ``exp`` is a vectorised polynomial (Cephes' expf).
 OpenMP shares each product's output rows (and attention's heads) out over the threads; every
@@ -58,7 +59,7 @@ enum { W_F32 = 0, W_Q4 = 4, W_Q8 = 8 };
 
 typedef struct {      /* one weight matrix [n, k] */
   const void *q;      /* uint8 [n, k/2] (4-bit), int8 [n, k] (8-bit) or float [n, k] */
-  const float *s;     /* [n, k/32, 2] (d, m) or [n, k/32] (d); unused for floats */
+  const uint16_t *s;  /* float16 [n, k/32, 2] (d, m) or [n, k/32] (d); unused for floats */
   const float *bias;  /* [n] or NULL */
   int64_t n, k, type;
 } Mat;
