@@ -230,7 +230,7 @@ def test_what_does_not_run_fused(monkeypatch) -> None:
     quantized = make_model("llama-tied")
     expected = quantized.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
     monkeypatch.setattr(fused_decode, "fused_kernel", lambda: None)
-    monkeypatch.setattr("imagefm.models.fused_kernel._error", "no C compiler 'cc'")
+    monkeypatch.setattr("imagefm.models.fused_kernel._FUSED.error", "no C compiler 'cc'")
     assert fused_decode.fused_decoder(quantized) is None
     out = quantized.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
     assert out.shape == expected.shape

@@ -21,10 +21,9 @@ row is computed whole by one thread, so results do not depend on the thread coun
 from __future__ import annotations
 
 import ctypes
-import threading
 
 from imagefm.models.fused_dots import DOTS_SOURCE
-from imagefm.models.quant_kernel import build_library
+from imagefm.models.quant_kernel import LazyLibrary, build_library
 
 STEP_SOURCE = r"""
 
@@ -373,9 +372,6 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_error: str | None = None
 
 
 def build_fused(flag_sets: tuple[tuple[str, ...], ...] | None = None) -> ctypes.CDLL:
@@ -386,22 +382,17 @@ def build_fused(flag_sets: tuple[tuple[str, ...], ...] | None = None) -> ctypes.
     return build_library("fused_decode", FUSED_SOURCE, _bind, flag_sets)
 
 
+_FUSED = LazyLibrary(build_fused)
+
+
 def fused_kernel() -> ctypes.CDLL | None:
     """The compiled fused step (built on the first call), or None where it cannot be."""
-    global _library, _error
-    if _library is None and _error is None:
-        with _lock:
-            if _library is None and _error is None:
-                try:
-                    _library = build_fused()
-                except RuntimeError as err:
-                    _error = str(err)
-    return _library
+    return _FUSED.get()
 
 
 def fused_kernel_status() -> tuple[bool, str]:
     """(available, detail): builds the fused step if needed and says why it is missing."""
     library = fused_kernel()
     if library is None:
-        return False, _error or "unknown"
+        return False, _FUSED.error or "unknown"
     return True, {512: "AVX-512 VNNI", 256: "AVX2"}.get(library.fused_path(), "portable C")

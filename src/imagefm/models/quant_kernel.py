@@ -142,9 +142,7 @@ FLAG_SETS = (
     ["-O3", "-march=native"],
     ["-O3"],
 )
-_lock = threading.Lock()
-_kernel: ctypes.CDLL | None = None
-_kernel_error: str | None = None
+
 
 
 def kernel_cache_dir() -> Path:
@@ -244,20 +242,36 @@ def _build() -> ctypes.CDLL:
     return build_library("quantized", KERNEL_SOURCE, _bind)
 
 
+class LazyLibrary:
+    """A C library built on its first use, once (thread-safe), remembering why it could not
+    be: every kernel here is one of these."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self.library: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.library is None and self.error is None:
+            with self._lock:
+                if self.library is None and self.error is None:
+                    try:
+                        self.library = self._build()
+                    except RuntimeError as err:
+                        self.error = str(err)
+        return self.library
+
+
+_KERNEL = LazyLibrary(_build)
+
+
 def kernel() -> ctypes.CDLL | None:
     """The compiled kernel library (built on the first call), or None where it cannot be."""
-    global _kernel, _kernel_error
-    if _kernel is None and _kernel_error is None:
-        with _lock:
-            if _kernel is None and _kernel_error is None:
-                try:
-                    _kernel = _build()
-                except RuntimeError as err:
-                    _kernel_error = str(err)
-    return _kernel
+    return _KERNEL.get()
 
 
 def kernel_status() -> tuple[bool, str]:
     """(available, detail): builds the kernel if needed and says why it is missing."""
     library = kernel()
-    return (True, "built") if library is not None else (False, _kernel_error or "unknown")
+    return (True, "built") if library is not None else (False, _KERNEL.error or "unknown")

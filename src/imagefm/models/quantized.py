@@ -234,7 +234,7 @@ class QuantizedLinear(nn.Module):
         qweight, scales, bias = buffers["qweight"], buffers["scales"], buffers["bias"]
         # The built library read straight from its module: a decoding step calls this for
         # every layer, and the already-built case should cost one attribute read.
-        built = quant_kernel._kernel
+        built = quant_kernel._KERNEL.library
         library = built if built is not None else kernel()
         rows = x.numel() // self.in_features
         limit = KERNEL_MAX_DECODE_ROWS if x.dim() == 3 and x.shape[1] == 1 else KERNEL_MAX_ROWS
