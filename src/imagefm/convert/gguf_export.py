@@ -46,8 +46,9 @@ from imagefm.convert.gguf import ARCHITECTURES, gguf_key_map, read_gguf
 from imagefm.convert.gguf_kquants import QK_K, quantize_q4_k
 from imagefm.convert.gguf_vocab import tokenizer_metadata
 from imagefm.convert.llama import config_to_hf_lm
-from imagefm.models.decoder import DecoderLM, rope_inverse_frequencies
+from imagefm.models.decoder import DecoderLM
 from imagefm.models.quantized import QuantizedLinear, dequantize_decoder, is_quantized
+from imagefm.models.rotary import rope_inverse_frequencies
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
 BLOCK = 32

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.config import ACTIVATIONS, ConfigError, check_choice, from_dict
-from imagefm.models.decoder import RMSNorm, rotate_half
+from imagefm.models.decoder import RMSNorm
 from imagefm.models.layers import MLP, activation
+from imagefm.models.rotary import rotate_half
 
 VISION_MODEL_TYPES = ("qwen2_vl_vision", "qwen2_5_vl_vision")  # the HF tower to export to
 NORMS = ("layernorm", "rmsnorm")
