@@ -61,12 +61,3 @@ def build_clap(name: str, overrides: dict[str, Any] | None = None, pretrained: b
     model.tokenizer = tokenizer
     return model
 
-
-def clap_tiny(overrides: dict[str, Any], pretrained: bool) -> ClapModel:
-    """MODEL_PRESETS["clap-tiny"]."""
-    return build_clap("clap-tiny", overrides, pretrained)
-
-
-def clap_e5(overrides: dict[str, Any], pretrained: bool) -> ClapModel:
-    """MODEL_PRESETS["clap-e5"]."""
-    return build_clap("clap-e5", overrides, pretrained)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagefm.config import ConfigError, DualEncoderConfig, preset
+from imagefm.config import ConfigError, DualEncoderConfig, merge_nested, preset
 from imagefm.convert.towers import PRESET_TOWERS, _effnet_lite0_file, build_dual_encoder
 from imagefm.models.class_prior import IMAGENET_CLASSES, ClassPriorProjection
 
@@ -128,14 +128,12 @@ def init_class_prior(model: nn.Module, names_en: list[list[str]],
     projection.class_embed.copy_(F.normalize(embeds @ centre, dim=-1))
 
 
-def build_lit_effnet_prior(overrides: dict[str, Any], pretrained: bool = True) -> nn.Module:
+def build_lit_effnet_prior(name: str, overrides: dict[str, Any], pretrained: bool = True
+                           ) -> nn.Module:
     """``model.preset: lit-effnet-prior`` (train/presets.py MODEL_PRESETS)."""
     overrides = dict(overrides)
     options = {key: overrides.pop(key, None) for key in OPTIONS}
-    data = preset("lit-effnet-prior").to_dict()
-    for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
-    config = DualEncoderConfig.from_dict(data)
+    config = DualEncoderConfig.from_dict(merge_nested(preset(name).to_dict(), overrides))
     model = build_dual_encoder(config, PRESET_TOWERS["lit-effnet"] if pretrained else {})
     if pretrained:
         names_ko = read_class_names(options["class_names_ko"]) if options["class_names_ko"] \

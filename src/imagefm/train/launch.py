@@ -54,7 +54,7 @@ def build_model(config: TrainConfig) -> nn.Module:
     if config.model.preset in MODEL_PRESETS:
         module_name, _, attr = MODEL_PRESETS[config.model.preset].partition(":")
         builder = getattr(importlib.import_module(module_name), attr)
-        return builder(config.model.config, config.model.pretrained)
+        return builder(config.model.preset, config.model.config, config.model.pretrained)
     from imagefm.convert.towers import PRESET_TOWERS, build_dual_encoder
 
     data = merge_nested(preset(config.model.preset).to_dict(), config.model.config)

@@ -89,15 +89,6 @@ def build_point_model(name: str, overrides: dict[str, Any] | None = None,
     return model
 
 
-def build_point_clip_tiny(overrides: dict[str, Any], pretrained: bool) -> PointTextModel:
-    """MODEL_PRESETS builder of ``point-clip-tiny``."""
-    return build_point_model("point-clip-tiny", overrides, pretrained)
-
-
-def build_point_clip_e5(overrides: dict[str, Any], pretrained: bool) -> PointTextModel:
-    """MODEL_PRESETS builder of ``point-clip-e5``."""
-    return build_point_model("point-clip-e5", overrides, pretrained)
-
 
 # ---------------------------------------------------------------- frozen features
 @torch.no_grad()
