@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagefm.checkpoint import empty_parameters, has_meta_parameters
+from imagefm.checkpoint import empty_parameters, has_meta_parameters, save_model
 from imagefm.models.decoder_config import DecoderConfig
 from imagefm.models.quantized import QuantizedLinear, describe_quantization
 from imagefm.models.rotary import RotaryEmbedding, apply_rotary
@@ -321,8 +321,6 @@ class DecoderLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write an imagefm checkpoint (weights, config, tokenizer files, chat template)."""
-        from imagefm.checkpoint import save_model
-
         return save_model(self, directory)  # quantised layers are saved as their blocks
 
     def get_input_embeddings(self) -> nn.Embedding:

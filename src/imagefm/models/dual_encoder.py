@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagefm.checkpoint import save_model
 from imagefm.config import ConfigError, DualEncoderConfig, ImageCard, TextConfig, default_card
 from imagefm.models.class_prior import ClassPriorProjection
 from imagefm.models.towers import build_text_tower, build_vision_tower
@@ -153,8 +154,6 @@ class TextContrastive(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` + ``imagefm.json`` (+ tokenizer files) to ``directory``."""
-        from imagefm.checkpoint import save_model
-
         return save_model(self, directory)
 
 

@@ -43,7 +43,14 @@ import torch
 from torch import nn
 
 from imagefm.models.decoder import DecoderLM, KVCache, RMSNorm
-from imagefm.models.fused_kernel import Cache, Layer, Mat, Model, fused_kernel
+from imagefm.models.fused_kernel import (
+    Cache,
+    Layer,
+    Mat,
+    Model,
+    fused_kernel,
+    fused_kernel_status,
+)
 from imagefm.models.quantized import QuantizedLinear
 
 ENABLED = True  # False sends every step through PyTorch (benchmarks compare the two paths)
@@ -277,7 +284,6 @@ def why_not_fused(model: object) -> str | None:
     if not isinstance(model, DecoderLM):
         return f"a {type(model).__name__} is not a DecoderLM"
     if fused_kernel() is None:
-        from imagefm.models.fused_kernel import fused_kernel_status
 
         return f"the fused kernel is unavailable: {fused_kernel_status()[1]}"
     try:

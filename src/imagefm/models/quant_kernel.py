@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from imagefm.checkpoint import atomic_write
+
 # --- the kernel ----------------------------------------------------------------------------------
 
 KERNEL_SOURCE = r"""
@@ -210,8 +212,6 @@ def build_library(stem: str, source_text: str, bind: Callable[[ctypes.CDLL], cty
     (this file's, and the fused decoding step's, ``imagefm.models.fused_kernel``).
 
     Raises RuntimeError (saying why) where no compiler exists or no flag set builds."""
-    from imagefm.checkpoint import atomic_write
-
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (install gcc or clang, or set CC)")

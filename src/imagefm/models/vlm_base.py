@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imagefm.checkpoint import save_model
 from imagefm.models.decoder import DecoderLM, KVCache
 
 
@@ -83,6 +84,4 @@ class VLMBase(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write an imagefm checkpoint (weights, config, tokenizer, chat template, and what the
         family adds: a preprocessing card, quantisation counts)."""
-        from imagefm.checkpoint import save_model
-
         return save_model(self, directory)
