@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagefm.chat import chat_stops
 from imagefm.data.speech import Voice, synthesize
 from imagefm.eval.vqa import VQAResult, answer, scene_size, vqa_questions
 from imagefm.train.speech_vlm_data import held_out_voice, training_voices
+from imagefm.vlm_runtime import decode_replies, to_model
 
 MODES = ("spoken", "text", "spoken-blind", "text-blind")
 
@@ -34,8 +36,6 @@ MODES = ("spoken", "text", "spoken-blind", "text-blind")
 def answer_spoken(model: Any, processor: Any, images: Sequence[Any], clips: Sequence[Any], *,
                   max_new_tokens: int = 16) -> list[str]:
     """Greedy answers, one per (image, spoken question), batched with left padding."""
-    from imagefm.chat import chat_stops
-    from imagefm.vlm_runtime import decode_replies, to_model
 
     user = {"role": "user", "content": f"{processor.image_marker}\n{processor.audio_marker}"}
     batch = processor.prompt([[user]] * len(images), list(images), audios=list(clips))

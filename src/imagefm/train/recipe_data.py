@@ -48,7 +48,8 @@ from imagefm.train.data import (
     model_tokenizer,
     register_data_source,
 )
-from imagefm.train.distributed import DistInfo
+from imagefm.train.distributed import DistInfo, resolve_device
+from imagefm.train.feature_cache import feature_key, load_features, save_features
 
 OPTIONS = ("recipes", "langs", "cache_image_features", "views", "limit", "src", "feature_cache")
 LOCAL_LIMIT = 64
@@ -266,19 +267,16 @@ def recipe_source(config: TrainConfig, model: nn.Module, info: DistInfo) -> Reci
     data = collect(records, tokenizer)
     inputs, key = None, None
     if cache and options.get("feature_cache"):
-        from imagefm.train.feature_cache import feature_key, load_features
 
         key = feature_key(data.images, options["views"], model.vision, model.card)
         inputs = load_features(options["feature_cache"], key)
     if inputs is None:
         pixels = preprocess(data.images, model.card)
         if cache:
-            from imagefm.train.distributed import resolve_device
 
             device = resolve_device(config.run.device, info)
             inputs = tower_features(model.vision, pixels, options["views"], device=device)
             if key is not None and info.is_main:
-                from imagefm.train.feature_cache import save_features
 
                 save_features(options["feature_cache"], key, inputs)
         else:

@@ -35,8 +35,10 @@ import numpy as np
 from torch import nn
 
 from imagefm.config import ConfigError
+from imagefm.data.image import open_image
 from imagefm.data.records import IMAGE_TOKEN
 from imagefm.data.speech import Voice, augment, synthesize, voices
+from imagefm.data.synthetic.generator import make_record
 from imagefm.train.config import TrainConfig
 from imagefm.train.data import (
     LoaderFactory,
@@ -68,8 +70,6 @@ def held_out_voice(lang: str) -> Voice:
 def scene_question(index: int, *, lang: str, seed: int, image_size: int, split: str = "train",
                    style: dict[str, Any] | None = None) -> tuple[Any, str, str, str]:
     """(image, question kind, question, answer) of scene ``index``: one question in ``lang``."""
-    from imagefm.data.image import open_image
-    from imagefm.data.synthetic.generator import make_record
 
     record = make_record("vqa", index, seed=seed, image_size=image_size, split=split,
                          qa_per_image=1, langs=(lang,), style=style)
