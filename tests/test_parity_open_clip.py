@@ -229,3 +229,20 @@ def test_open_clip_to_hf_export_matches_open_clip(tmp_path: Path) -> None:
         out = hf(input_ids=ids, pixel_values=pixels, attention_mask=(ids != 0).long())
         logits, _ = reference.get_logits(pixels, ids)
     assert (out.logits_per_image - logits).abs().max().item() <= TOL
+
+
+def test_exports_refuse_a_letterbox_card(tmp_path: Path) -> None:
+    """`pad` (letterbox on white) has no open_clip or HF processor equivalent: refused, not
+    silently written as another resize."""
+    import dataclasses
+
+    from imagefm.checkpoint import CheckpointError
+    from imagefm.convert.hf import card_to_hf
+
+    model_cfg = _model_cfg(quick_gelu=True)
+    ours = imagefm.load(_save_hub_dir(_reference(model_cfg), model_cfg, tmp_path / "in"))
+    ours.card = dataclasses.replace(ours.card, resize_mode="pad")
+    with pytest.raises(CheckpointError, match="'pad' has no open_clip equivalent"):
+        oc.export_open_clip(ours, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no HF image processor equivalent"):
+        card_to_hf(ours.card)

@@ -49,6 +49,8 @@ def test_ints_are_accepted_for_floats(tmp_path):
     (["model.preset=huge"], "model.preset = 'huge' is unknown"),
     (["optim.betas=0.9"], "optim.betas must be a list"),
     (["train.ema_decay=1.5"], "train.ema_decay must be in [0, 1)"),
+    (["stage.wise_alpha=1.2"], "stage.wise_alpha must be in [0, 1]"),
+    (["stage.wise_alpha=0.5", "train.ema_decay=0.9"], "stage.wise_alpha interpolates plain"),
     (["train.gradcache_chunk=4", "train.strategy=fsdp"], "needs train.strategy=ddp"),
     (["train.steps"], "must look like section.key=value"),
     (["train.steps.max=3"], "train.steps must be int, got {'max': 3}"),

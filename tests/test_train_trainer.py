@@ -330,3 +330,42 @@ def test_host_sync_log_still_stops_after_too_many_bad_steps(tmp_path):
         trainer_for(config, task=SometimesNaN({2, 3, 4})).fit()
     with pytest.raises(ConfigError, match="host_sync=log.*optim.implementation"):
         make_config(tmp_path, "train.host_sync=log", "optim.implementation=foreach")
+
+
+def test_wise_alpha_exports_the_interpolation_and_survives_a_resume(tmp_path):
+    config = make_config(tmp_path, "train.steps=4", "optim.lr=1e-2", "stage.preset=lit",
+                         "run.checkpoint_every=2")
+    trainer = trainer_for(config)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    run_dir = trainer.fit()
+    trained = load_file(run_dir / "final" / "model.safetensors")
+    assert not torch.equal(trained["text_proj.weight"], start["text_proj.weight"])
+
+    # The same run with stage.wise_alpha, stopped after 2 steps and resumed: final/ holds
+    # 0.25 x start + 0.75 x trained for what trained, the locked tower unchanged.
+    wise = make_config(tmp_path, "train.steps=2", "optim.lr=1e-2", "stage.preset=lit",
+                       "run.checkpoint_every=2", "run.name=wise", "stage.wise_alpha=0.75")
+    trainer_for(wise).fit()
+    resumed = make_config(tmp_path, "train.steps=4", "optim.lr=1e-2", "stage.preset=lit",
+                          "run.checkpoint_every=2", "run.name=wise", "stage.wise_alpha=0.75",
+                          "run.resume=true")
+    resumed_trainer = trainer_for(resumed)
+    with torch.no_grad():  # a resumed run must read the kept start, not take its own weights
+        resumed_trainer.model.text_proj.weight.add_(1.0)
+    wise_dir = resumed_trainer.fit()
+    assert (wise_dir / "wise-start.safetensors").is_file()
+    mixed = load_file(wise_dir / "final" / "model.safetensors")
+    for name in ("text_proj.weight", "image_proj.weight"):
+        torch.testing.assert_close(mixed[name], 0.25 * start[name] + 0.75 * trained[name],
+                                   rtol=1e-4, atol=1e-5)
+    assert torch.equal(mixed["vision.pos_embed"], start["vision.pos_embed"])
+
+
+def test_model_preprocess_replaces_card_fields(tmp_path):
+    config = make_config(tmp_path, "model.preprocess={resize_mode: pad}")
+    model = build_model(config)
+    assert model.card.resize_mode == "pad" and model.card.image_size == 16
+    with pytest.raises(ConfigError, match="unknown card field"):
+        build_model(make_config(tmp_path, "model.preprocess={resize: pad}"))
+    with pytest.raises(ConfigError, match="resize_mode"):
+        build_model(make_config(tmp_path, "model.preprocess={resize_mode: letterbox}"))

@@ -19,7 +19,7 @@ TEXT_POOLS = ("argmax", "eos", "last", "first")
 # HFTextEncoder proj_type "mlp"); imagenet_prior (image side): linear + the ImageNet head's class
 # distribution over text embeddings of the class names (imagefm.models.class_prior)
 PROJECTIONS = ("linear", "linear_bias", "none", "mlp", "imagenet_prior")
-RESIZE_MODES = ("shortest", "squash", "naflex")
+RESIZE_MODES = ("shortest", "squash", "pad", "naflex")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 

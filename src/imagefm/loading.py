@@ -57,6 +57,7 @@ def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
     from imagefm.models.llava_onevision import LlavaOneVision, OneVisionConfig
     from imagefm.models.point_encoder import PointTextConfig, PointTextModel
     from imagefm.models.qwen_vl import QwenVL, QwenVLConfig
+    from imagefm.models.speech_ctc import SpeechCTC, SpeechCTCConfig
     from imagefm.models.vla import VLA, VLAConfig
     from imagefm.models.vlm import VLM, VLMConfig
     from imagefm.models.whisper_encoder import AudioEncoder, AudioEncoderConfig
@@ -65,7 +66,8 @@ def _architectures() -> dict[str, tuple[type, Callable[[dict], Any]]]:
                (VLM, VLMConfig.from_dict), (QwenVL, QwenVLConfig.from_dict),
                (LlavaOneVision, OneVisionConfig.from_dict), (Idefics3, Idefics3Config.from_dict),
                (AudioEncoder, AudioEncoderConfig.from_dict), (ClapModel, ClapConfig.from_dict),
-               (PointTextModel, PointTextConfig.from_dict), (VLA, VLAConfig.from_dict)]
+               (PointTextModel, PointTextConfig.from_dict), (VLA, VLAConfig.from_dict),
+               (SpeechCTC, SpeechCTCConfig.from_dict)]
     return {cls.architecture: (cls, parse) for cls, parse in classes}
 
 

@@ -126,6 +126,26 @@ def siglip_loss(
     return loss
 
 
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
+             input_lengths: torch.Tensor | None = None, *, blank: int = 0) -> torch.Tensor:
+    """Connectionist temporal classification loss of frame ``logits`` [B, T, classes] against
+    padded ``targets`` [B, S] (the first ``target_lengths[b]`` of row b count), over all T frames
+    unless ``input_lengths`` says otherwise. Each row's negative log-likelihood is divided by its
+    target length, then averaged (``F.ctc_loss``'s ``mean``), in fp32 even under autocast; a row
+    whose target cannot fit its frames gives 0, not inf (``zero_infinity``)."""
+    if logits.ndim != 3 or targets.ndim != 2 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"ctc_loss: logits [B, T, classes] and targets [B, S], got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    batch, frames = logits.shape[:2]
+    if input_lengths is None:
+        input_lengths = torch.full((batch,), frames, dtype=torch.long)
+    with torch.autocast(logits.device.type, enabled=False):
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, B, classes]
+        return F.ctc_loss(log_probs, targets.long(), input_lengths.long().cpu(),
+                          target_lengths.long().cpu(), blank=blank, reduction="mean",
+                          zero_infinity=True)
+
+
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"clip": clip_loss, "siglip": siglip_loss}
 
 

@@ -34,15 +34,18 @@ CARD_FILE = "README.md"
 PIPELINE_TAGS = {"dual_encoder": "zero-shot-image-classification",
                  "vlm": "image-text-to-text",
                  "decoder_lm": "text-generation", "audio_encoder": "feature-extraction",
-                 "clap": "zero-shot-audio-classification", "point_clip": "feature-extraction"}
+                 "clap": "zero-shot-audio-classification", "point_clip": "feature-extraction",
+                 "speech_ctc": "automatic-speech-recognition"}
 KIND_NAMES = {"dual_encoder": "dual encoder", "vlm": "vision-language model",
               "decoder_lm": "decoder language model", "audio_encoder": "audio encoder",
               "clap": "speech–text dual encoder (CLAP)",
+              "speech_ctc": "speech recogniser (CTC, to pre-train an audio tower)",
               "point_clip": "point cloud–text dual encoder (ULIP style)"}
 # A Hub dataset id: "org/name". Anything else in training_data is a description.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RESIZE = {"shortest": "resize the shortest side to {s} px, centre crop {s}×{s}",
            "squash": "resize to {s}×{s} px (aspect ratio not kept)",
+           "pad": "resize the longest side to {s} px, centre on a white {s}×{s} canvas",
            "naflex": "keep the aspect ratio; at most {n} patches of {p} px (NaFlex)"}
 
 
@@ -59,6 +62,8 @@ def model_kind(model: Any) -> str:
         return "point_clip"  # a point cloud–text dual encoder (models/point_encoder.py)
     if all(hasattr(config, name) for name in ("vocab_size", "layers", "heads", "width")):
         return "decoder_lm"
+    if hasattr(config, "encoder") and hasattr(config, "alphabet"):
+        return "speech_ctc"  # an audio tower + CTC head (models/speech_ctc.py)
     if all(hasattr(config, name) for name in ("num_mel_bins", "d_model", "encoder_layers")):
         return "audio_encoder"  # a Whisper-style audio tower (models/whisper_encoder.py)
     raise ValueError(f"cannot write a model card for a {type(model).__name__}: not an imagefm "
@@ -148,6 +153,12 @@ def architecture(model: Any) -> list[tuple[str, str]]:
                                  f"{c.d_model} wide, {c.encoder_attention_heads} heads"),
                 ("input", f"{c.num_mel_bins} log-mel bins, up to {2 * c.max_source_positions} "
                           f"frames")]
+    if kind == "speech_ctc":
+        e = c.encoder
+        return [("architecture", f"Whisper-style audio encoder, {e.encoder_layers} layers × "
+                                 f"{e.d_model} wide, + a linear CTC head over "
+                                 f"{len(c.alphabet)} characters"),
+                ("input", f"{e.num_mel_bins} log-mel bins, clips padded to {c.seconds:g} s")]
     return [("architecture", _decoder(c))]
 
 
@@ -162,6 +173,8 @@ def _tags(model: Any, kind: str) -> list[str]:
         tags = ["whisper", "audio-encoder"]
     elif kind == "clap":
         tags = ["clap", "speech", "dual-encoder"]
+    elif kind == "speech_ctc":
+        tags = ["speech-recognition", "ctc", "audio-encoder"]
     elif kind == "point_clip":
         tags = ["point-cloud", "ulip", "dual-encoder"]
     else:

@@ -33,8 +33,8 @@ from imagefm.adapt.features import (
     FeatureViews,
     cached_features,
     extract_features,
+    feature_fingerprint,
     feature_views,
-    model_fingerprint,
 )
 from imagefm.adapt.finetune import FinetuneConfig, finetune
 from imagefm.adapt.head import Head, accuracy, text_head
@@ -184,7 +184,7 @@ class Experiment:
         self.reference, self.configs = reference, configs or MethodConfigs()
         self.batch_size, self.skips = batch_size, skips if skips is not None else SkipCounter()
         started = time.perf_counter()
-        fingerprint = model_fingerprint(model)
+        fingerprint = feature_fingerprint(model)
         views = {}
         kept_splits = {}
         parts = {name: getattr(splits, name) for name in ("pool", "val", "test")}

@@ -35,15 +35,26 @@ class Features:
     kept: torch.Tensor  # long indices into the input list
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, card: Any = None) -> str:
     """A short hash of the weights and preprocessing (changes whenever the model does)."""
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    card = getattr(model, "card", None)
+    card = card if card is not None else getattr(model, "card", None)
     digest.update(json.dumps(getattr(card, "__dict__", {}), sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def feature_fingerprint(model: torch.nn.Module) -> str:
+    """The hash the feature cache is keyed by: the image tower's weights and the preprocessing,
+    the only things pre-projection features depend on, so models that share a locked tower
+    (``lit-effnet`` and ``lit-effnet-prior``, or one model before and after its heads train)
+    share one cache."""
+    vision = getattr(model, "vision", None)
+    if not isinstance(vision, torch.nn.Module):
+        return model_fingerprint(model)
+    return model_fingerprint(vision, getattr(model, "card", None))
 
 
 def _images_fingerprint(keys: Sequence[str], images: Sequence[bytes]) -> str:
@@ -108,7 +119,7 @@ def cached_features(model: Any, processor: Any, images: Sequence[bytes], keys: S
     if cache_dir is None:
         return extract_features(model, processor, images, batch_size=batch_size, skips=skips,
                                 names=keys, progress=progress)
-    fingerprint = fingerprint or model_fingerprint(model)
+    fingerprint = fingerprint or feature_fingerprint(model)
     path = Path(cache_dir) / f"features-{fingerprint}-{_images_fingerprint(keys, images)}.st"
     if path.is_file():
         state = load_file(path)

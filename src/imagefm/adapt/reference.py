@@ -72,9 +72,9 @@ class Reference:
     def _image_embeddings(self, model: Any, processor: Any, part: str) -> Any:
         """Normalised image embeddings of ``part``; the image tower runs once per distinct
         tower weights (adaptation methods that lock it reuse its features)."""
-        from imagefm.adapt.features import extract_features, model_fingerprint, project
+        from imagefm.adapt.features import extract_features, feature_fingerprint, project
 
-        key = (model_fingerprint(model.vision), part)
+        key = (feature_fingerprint(model), part)
         if key not in self._cache:
             if self.kind == "zeroshot":
                 images = self._labelled().images[PARTS.index(part)::2]

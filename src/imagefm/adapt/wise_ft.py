@@ -16,36 +16,11 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
+from imagefm.train.wise import interpolate_state
+
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-def interpolate_state(zero_shot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                      alpha: float) -> dict[str, torch.Tensor]:
-    """``(1 − α)·zero_shot + α·finetuned`` for every floating tensor (others must be equal).
-
-    Written as the two products summed, so α = 0 and α = 1 give the endpoints bit for bit.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if zero_shot.keys() != finetuned.keys():
-        missing = sorted(set(zero_shot) ^ set(finetuned))
-        raise ValueError(f"the two models have different weights: {missing[:5]}")
-    mixed = {}
-    for name, theta0 in zero_shot.items():
-        theta1 = finetuned[name]
-        if theta0.shape != theta1.shape:
-            raise ValueError(f"{name}: shapes {tuple(theta0.shape)} and {tuple(theta1.shape)}")
-        if theta0.is_floating_point():
-            mixed[name] = ((1.0 - alpha) * theta0.float() + alpha * theta1.float()).to(
-                theta0.dtype)
-        elif torch.equal(theta0, theta1):
-            mixed[name] = theta0.clone()
-        else:
-            raise ValueError(f"{name}: non-float tensors differ; cannot interpolate")
-    return mixed
 
 
 def wise_ft(zero_shot: nn.Module, finetuned: nn.Module, alpha: float) -> nn.Module:

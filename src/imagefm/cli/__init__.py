@@ -19,7 +19,7 @@ app = typer.Typer(
 # Modules under imagefm.cli that contribute commands through `register(app)`.
 COMMAND_MODULES = ("model", "synth", "data", "eval", "train", "quickstart", "search", "lm", "vlm",
                    "chat", "adapt", "catalog", "sweep", "medical", "points", "speech",
-                   "speech_vlm", "vla")
+                   "speech_vlm", "speech_ctc", "vla")
 
 
 def _version(value: bool) -> None:

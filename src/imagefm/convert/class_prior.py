@@ -8,16 +8,19 @@ The model is ``lit-effnet`` (locked ImageNet EfficientNet-Lite0, multilingual-e5
 * the projection's ``classifier`` gets EfficientNet-Lite0's own ImageNet head (``_fc`` of the
   PyPI package's file, the 1,000-way layer the tower was trained with);
 * each ``class_embed`` row is the text tower's embedding of the class's names in a few caption
-  templates ("a photo of a tabby cat."), averaged and L2-normalised; with a Korean name list
-  (``model.config.class_names_ko``) the Korean names are averaged in too;
+  templates ("a photo of a tabby cat."), averaged and L2-normalised, with Korean names and
+  descriptions averaged in where they are given (below);
 * the text projection starts as the identity less the class vectors' common direction (which
   is projected out of the class vectors too), so before any training an image's embedding is
   the mean of its likely classes' text embeddings: a zero-shot model.
 
-English class names: the 1,000 cleaned ImageNet names of OpenAI's CLIP (MIT licence), as shipped
-by ``open_clip_torch`` (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``), or a file the user
-gives (``model.config.class_names``: one name per line, in ImageNet class-index order; several
-names for one class separated by ``|``). Nothing is downloaded.
+Class texts (:mod:`imagefm.convert.imagenet_text` says where each comes from and its licence):
+English names from ``open_clip_torch`` or a file (``model.config.class_names``: one name per line,
+in ImageNet class-index order; several names for one class separated by ``|``); optionally names
+in Korean (``model.config.class_names_ko``: such a file, or ``babel-imagenet``) and descriptions
+(``model.config.class_descriptions``: ``cupl``, or a JSON file ``{class name: [sentences]}``,
+``descriptions_per_class`` of them per class). Each class vector is the mean over the sources
+that have text for the class. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefm.config import ConfigError, DualEncoderConfig, merge_nested, preset
+from imagefm.convert.imagenet_text import (
+    babel_imagenet_names,
+    cupl_descriptions,
+    english_class_names,
+)
 from imagefm.convert.towers import PRESET_TOWERS, _effnet_lite0_file, build_dual_encoder
 from imagefm.models.class_prior import IMAGENET_CLASSES, ClassPriorProjection
 
 EN_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a picture of a {}.", "{}")
 KO_TEMPLATES = ("{} 사진.", "{} 그림.", "{}")
+DESCRIPTION_TEMPLATES = ("{}",)  # CuPL sentences are whole captions already
 # Builder options read from model.config (not DualEncoderConfig fields).
-OPTIONS = ("class_names", "class_names_ko")
+OPTIONS = ("class_names", "class_names_ko", "class_descriptions", "descriptions_per_class")
 
 
 def read_class_names(path: str | Path) -> list[list[str]]:
@@ -53,12 +62,19 @@ def imagenet_class_names(path: str | Path | None = None) -> list[list[str]]:
     """English ImageNet class names: ``path`` if given, else open_clip's copy of CLIP's list."""
     if path is not None:
         return read_class_names(path)
-    try:
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-    except ImportError:
-        raise ConfigError("the ImageNet class names come from open_clip_torch (pip install "
-                          "open_clip_torch) or a file: model.config.class_names=PATH") from None
-    return [[name] for name in IMAGENET_CLASSNAMES]
+    return [[name] for name in english_class_names()]
+
+
+def korean_class_names(source: str | Path) -> list[list[str]]:
+    """``babel-imagenet`` (648 classes named) or a 1,000-line file like ``read_class_names``'s."""
+    if str(source) == "babel-imagenet":
+        return babel_imagenet_names("ko")
+    return read_class_names(source)
+
+
+def class_descriptions(source: str | Path, per_class: int = 10) -> list[list[str]]:
+    """``cupl`` (clip_benchmark's copy) or a JSON file ``{CLIP class name: [sentences]}``."""
+    return cupl_descriptions(per_class, path=None if str(source) == "cupl" else source)
 
 
 @torch.no_grad()
@@ -100,9 +116,11 @@ def load_imagenet_head(projection: ClassPriorProjection) -> None:
 
 @torch.no_grad()
 def init_class_prior(model: nn.Module, names_en: list[list[str]],
-                     names_ko: list[list[str]] | None = None) -> None:
+                     names_ko: list[list[str]] | None = None,
+                     descriptions: list[list[str]] | None = None) -> None:
     """Fill ``model.image_proj`` (head + class vectors) and set ``text_proj`` to the identity
-    less the class vectors' common direction."""
+    less the class vectors' common direction. A class's vector is the mean of its sources'
+    embeddings (English names; Korean names and descriptions where the class has some)."""
     projection = model.image_proj
     if not isinstance(projection, ClassPriorProjection):
         raise ConfigError("init_class_prior needs model.image_projection = 'imagenet_prior'")
@@ -115,9 +133,19 @@ def init_class_prior(model: nn.Module, names_en: list[list[str]],
     if text_proj.bias is not None:
         text_proj.bias.zero_()
     load_imagenet_head(projection)
-    embeds = embed_class_names(model, names_en, EN_TEMPLATES)
-    if names_ko is not None:
-        embeds = (embeds + embed_class_names(model, names_ko, KO_TEMPLATES)) / 2
+    sources = [(names_en, EN_TEMPLATES), (names_ko, KO_TEMPLATES),
+               (descriptions, DESCRIPTION_TEMPLATES)]
+    total, count = None, torch.zeros(len(names_en), 1)
+    for texts, templates in sources:
+        if texts is None:
+            continue
+        if len(texts) != len(names_en):
+            raise ConfigError(f"class texts for {len(texts)} classes, names for {len(names_en)}")
+        embeds = embed_class_names(model, texts, templates)
+        present = torch.tensor([[float(bool(t))] for t in texts])
+        total = embeds * present if total is None else total + embeds * present
+        count += present
+    embeds = total / count.clamp(min=1)
     # Sentence embeddings share one large common direction (multilingual-e5's class-name vectors
     # have a mean pairwise cosine of 0.87), which drowns the differences between classes. Both
     # sides start with it projected out: the text projection is I - u u^T (u the mean class
@@ -136,7 +164,11 @@ def build_lit_effnet_prior(name: str, overrides: dict[str, Any], pretrained: boo
     config = DualEncoderConfig.from_dict(merge_nested(preset(name).to_dict(), overrides))
     model = build_dual_encoder(config, PRESET_TOWERS["lit-effnet"] if pretrained else {})
     if pretrained:
-        names_ko = read_class_names(options["class_names_ko"]) if options["class_names_ko"] \
+        names_ko = korean_class_names(options["class_names_ko"]) if options["class_names_ko"] \
             else None
-        init_class_prior(model, imagenet_class_names(options["class_names"]), names_ko)
+        descriptions = class_descriptions(options["class_descriptions"],
+                                          int(options["descriptions_per_class"] or 10)) \
+            if options["class_descriptions"] else None
+        init_class_prior(model, imagenet_class_names(options["class_names"]), names_ko,
+                         descriptions)
     return model

@@ -308,6 +308,9 @@ def card_to_hf(card: ImageCard) -> dict[str, Any]:
     common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True,
               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(card.mean),
               "image_std": list(card.std), "resample": _RESAMPLE_TO_HF[card.interpolation]}
+    if card.resize_mode not in ("shortest", "squash"):
+        raise CheckpointError(f"preprocess.resize_mode = {card.resize_mode!r} has no HF image "
+                              "processor equivalent; export to ONNX or our format instead")
     if card.resize_mode == "shortest":
         return {"image_processor_type": "CLIPImageProcessor", **common,
                 "size": {"shortest_edge": card.image_size}, "do_center_crop": True,

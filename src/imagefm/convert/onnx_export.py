@@ -58,6 +58,10 @@ _RESIZE_RULES = {
                 "(truncated), then crop size x size at left = (new_width - size) // 2, "
                 "top = (new_height - size) // 2",
     "squash": "resize straight to size x size (the aspect ratio is not kept); no crop",
+    "pad": "scale the longer side to size and the shorter one to round(size * short / long), "
+           "then paste at left = round((size - new_width) / 2), "
+           "top = round((size - new_height) / 2) (half to even, as Pillow's ImageOps.pad) on a "
+           "white (255, 255, 255) canvas",
 }
 
 

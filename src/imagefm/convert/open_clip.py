@@ -517,6 +517,9 @@ def export_open_clip(model: DualEncoder, path: str | Path) -> Path:
         # Causal attention at or before the EOS never sees right padding; otherwise it does.
         warnings.warn("open_clip's text tower never masks padding and this model does, so "
                       "outputs agree only for unpadded text", stacklevel=2)
+    if model.card.resize_mode not in ("shortest", "squash"):
+        raise UnsupportedOpenClipConfig(f"preprocess.resize_mode = {model.card.resize_mode!r} "
+                                        "has no open_clip equivalent (its 'longest' pads black)")
     weights = open_clip_key_map(config).to_source(model.state_dict())
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

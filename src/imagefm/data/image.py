@@ -249,7 +249,10 @@ class ImageProcessor:
 
     ``resize_mode="shortest"`` resizes the shorter side to ``S`` (the longer one to
     ``int(S * long / short)``, truncated, as HF and torchvision do) and centre-crops ``S x S``;
-    ``"squash"`` resizes straight to ``S x S``. Resampling is PIL's ``interpolation`` filter.
+    ``"squash"`` resizes straight to ``S x S``; ``"pad"`` (letterbox) resizes the longer side to
+    ``S`` and centres the picture on a white ``S x S`` canvas (white, as transparency is
+    composited: cut-out pictures such as clip art and stamps keep their whole outline).
+    Resampling is PIL's ``interpolation`` filter.
     Accepts anything ``open_image`` accepts, plus ``uint8`` numpy arrays ``HxW``, ``HxWx3`` or
     ``HxWx4`` (an ``SxSx3`` array skips PIL entirely).
     """
@@ -303,6 +306,9 @@ class ImageProcessor:
         size = self.size
         if self.card.resize_mode == "squash":
             return size, size
+        if self.card.resize_mode == "pad":  # the longer side to S, rounded
+            scale = size / max(width, height)
+            return max(1, round(width * scale)), max(1, round(height * scale))
         if width <= height:
             return size, int(size * height / width)
         return int(size * width / height), size
@@ -320,6 +326,13 @@ class ImageProcessor:
         size = self.size
         width, height = pil.size
         new_width, new_height = self.resized_size(width, height)
+        if self.card.resize_mode == "pad":
+            if (new_width, new_height) != (width, height):
+                pil = pil.resize((new_width, new_height), self._resample)
+            canvas = Image.new("RGB", (size, size), (255, 255, 255))
+            # Offsets rounded half to even, as Pillow's ImageOps.pad places them.
+            canvas.paste(pil, (round((size - new_width) / 2), round((size - new_height) / 2)))
+            return np.asarray(canvas)
         left, top = self.crop_offsets(new_width, new_height)
         if max(new_width, new_height) > _CROP_FIRST_RATIO * size:
             return self._resample_window(pil, new_width, new_height, left, top)

@@ -293,10 +293,18 @@ def add_audio(vlm: VLM, encoder: Any, *, seconds: float = 4.0, stack: int = 8,
 
     ``encoder`` is an :class:`~imagefm.models.whisper_encoder.AudioEncoderConfig` or an
     :class:`~imagefm.models.whisper_encoder.AudioEncoder` (e.g. converted Whisper weights),
-    whose weights are then kept. ``token`` joins the LM's vocabulary as one whole token.
+    whose weights are then kept, or a model holding one as ``encoder`` (a CTC-pretrained
+    :class:`~imagefm.models.speech_ctc.SpeechCTC`). ``token`` joins the LM's vocabulary as
+    one whole token.
     """
     if vlm.audio is not None:
         raise ConfigError("this VLM already has an audio tower")
+    if isinstance(getattr(encoder, "encoder", None), AudioEncoder):
+        trained = getattr(encoder.config, "seconds", seconds)
+        if trained != seconds:  # the padded length changes the features the tower learned on
+            raise ConfigError(f"this audio tower was trained on {trained:g} s clips: give the "
+                              f"VLM the same (vlm-add-audio --seconds {trained:g})")
+        encoder = encoder.encoder
     tower = encoder if isinstance(encoder, AudioEncoder) else None
     config = tower.config if tower is not None else encoder
     extend_vocabulary(vlm.lm, [token])

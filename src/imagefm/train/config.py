@@ -36,7 +36,7 @@ HOST_SYNCS = ("auto", "step", "log")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "clip", "siglip")
-TASKS = ("contrastive", "vlm", "ulip")
+TASKS = ("contrastive", "vlm", "ulip", "asr_ctc")
 WANDB_MODES = ("off", "offline", "online")
 EVAL_MODES = ("auto", "min", "max")
 
@@ -67,6 +67,8 @@ class ModelConfig:
     preset: str = "tiny"
     init: str | None = None  # a checkpoint directory to start from instead of random weights
     config: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {vision: {layers: 2}}
+    # Image card fields to replace, e.g. {resize_mode: pad} (imagefm.config.ImageCard).
+    preprocess: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     # Start the preset's towers from the pretrained weights it names, where it names any
@@ -160,6 +162,9 @@ class StageConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
                                                              "o_proj"])
     lora_modules: list[str] = field(default_factory=lambda: ["lm"])
+    # WiSE-FT: export (1 - a) * starting weights + a * trained weights (train/wise.py); the
+    # trained model keeps more of what the starting one knew. None = the trained weights.
+    wise_alpha: float | None = None
 
 
 @dataclass
@@ -423,6 +428,13 @@ def validate(c: TrainConfig) -> None:
     if c.stage.preset == "lora" and not c.stage.lora_rank:
         raise ConfigError("stage.preset = lora trains LoRA adapters only: set stage.lora_rank "
                           "(e.g. 8)")
+    if c.stage.wise_alpha is not None:
+        if not 0 <= c.stage.wise_alpha <= 1:
+            raise ConfigError(f"stage.wise_alpha must be in [0, 1] (1 = the trained weights), "
+                              f"got {c.stage.wise_alpha}")
+        if c.stage.lora_rank or c.train.ema_decay or c.train.strategy == "fsdp":
+            raise ConfigError("stage.wise_alpha interpolates plain weights: not with "
+                              "stage.lora_rank, train.ema_decay or train.strategy=fsdp")
     if c.stage.lora_rank and c.train.ema_decay:
         raise ConfigError("train.ema_decay is not supported with stage.lora_rank: the average "
                           "would mix LoRA tensors that are merged away at export")

@@ -63,7 +63,8 @@ def register_data_source(name: str, factory: DataSource, *, held_out_option: boo
 SOURCE_MODULES = ("imagefm.train.vlm_data", "imagefm.train.conversations",
                   "imagefm.train.recipe_data", "imagefm.train.stream_data",
                   "imagefm.train.conversation_stream", "imagefm.train.speech_data",
-                  "imagefm.train.points", "imagefm.train.speech_vlm_data")
+                  "imagefm.train.points", "imagefm.train.speech_vlm_data",
+                  "imagefm.train.asr")
 
 
 def get_data_source(name: str) -> DataSource:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from imagefm.config import ConfigError, DualEncoderConfig, merge_nested, preset
+from imagefm.config import ConfigError, DualEncoderConfig, ImageCard, merge_nested, preset
 from imagefm.train import distributed
+from imagefm.train.asr import ctc_task
 from imagefm.train.config import TrainConfig, load_config
 from imagefm.train.data import (
     HELD_OUT_SOURCES,
@@ -38,12 +39,28 @@ from imagefm.train.evaluation import Evaluator, check_something_to_evaluate
 from imagefm.train.points import ulip_task
 from imagefm.train.presets import MODEL_PRESETS
 from imagefm.train.stages import apply_stage, merge_lora
-from imagefm.train.tasks import ContrastiveTask, VLMTask
+from imagefm.train.tasks import ContrastiveTask, Task, VLMTask
 from imagefm.train.trainer import Trainer, seed_everything
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """A fresh model from ``model.preset`` (+ ``model.config`` overrides) or ``model.init``."""
+    """A fresh model from ``model.preset`` (+ ``model.config`` overrides) or ``model.init``,
+    with ``model.preprocess`` replacing fields of its image card."""
+    model = _preset_or_init(config)
+    if config.model.preprocess:
+        card = getattr(model, "card", None)
+        if not isinstance(card, ImageCard):
+            raise ConfigError(f"model.preprocess: a {type(model).__name__} has no image card")
+        known = [f.name for f in dataclasses.fields(ImageCard)]
+        unknown = sorted(set(config.model.preprocess) - set(known))
+        if unknown:
+            raise ConfigError(f"model.preprocess: unknown card field(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(known)}")
+        model.card = dataclasses.replace(card, **config.model.preprocess)  # validated by ImageCard
+    return model
+
+
+def _preset_or_init(config: TrainConfig) -> nn.Module:
     if config.model.init is not None:
         if config.model.config:
             raise ConfigError("model.config overrides apply to presets only; with model.init the "
@@ -67,10 +84,12 @@ def build_model(config: TrainConfig) -> nn.Module:
 VLM_ARCHITECTURES = ("vlm", "qwen2_vl", "llava_onevision", "idefics3")
 
 
-def build_task(config: TrainConfig, model: nn.Module) -> ContrastiveTask | VLMTask:
+def build_task(config: TrainConfig, model: nn.Module) -> Task:
     """The task named by ``task.name``; ``task.loss=auto`` follows the model's type."""
     if config.task.name == "ulip":
         return ulip_task(config, model)
+    if config.task.name == "asr_ctc":
+        return ctc_task(config, model)
     is_vlm = getattr(model, "architecture", None) in VLM_ARCHITECTURES
     if config.task.name == "vlm":
         if not is_vlm:

@@ -18,6 +18,8 @@ MODEL_PRESETS: dict[str, str] = {
     # point cloud–text (ULIP style; imagefm.models.point_encoder, presets in imagefm.train.points)
     "point-clip-tiny": "imagefm.train.points:build_point_model",
     "point-clip-e5": "imagefm.train.points:build_point_model",
+    # CTC speech recognition, to pre-train an audio tower for a VLM (imagefm.train.asr)
+    "speech-ctc-tiny": "imagefm.train.asr:build_speech_ctc",
 }
 
 # run.local=true (train/local.py) trains a preset's small sibling: random weights, seconds.

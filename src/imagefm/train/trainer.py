@@ -58,6 +58,7 @@ from imagefm.train.optim import ExponentialMovingAverage, build_optimizer, build
 from imagefm.train.stages import apply_stage, merge_lora
 from imagefm.train.state import Progress, restore_rng
 from imagefm.train.tasks import Task
+from imagefm.train.wise import apply_wise, starting_weights
 
 __all__ = ["LoaderFactory", "StopTraining", "Trainer", "TrainingError", "as_loader_factory",
            "batch_rows", "save_weights", "seed_everything", "to_device"]
@@ -117,6 +118,7 @@ class Trainer:
                                     wandb_project=config.run.wandb_project,
                                     config=config.to_dict())
         self._rng_to_restore: dict[str, Any] | None = None
+        self._wise_start: dict[str, torch.Tensor] | None = None  # stage.wise_alpha's start
         self._bar: Any = None
         self._postfix: dict[str, str] = {}
 
@@ -364,6 +366,9 @@ class Trainer:
                       f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch})")
         elif self.config.run.resume and self.dist.is_main:
             print(f"run.resume: no checkpoint in {self.run_dir}; starting from step 0")
+        if self.config.stage.wise_alpha is not None:  # kept before the first step
+            self._wise_start = starting_weights(self.model, self.run_dir, checkpoint is None,
+                                                write=self.dist.is_main)
 
     def _say_what_changed(self, saved: Path) -> None:
         """A resumed run continues exactly only with the settings it was started with; name the
@@ -396,9 +401,15 @@ class Trainer:
         """Save the final weights as a model checkpoint: ``final/`` (and ``final_ema/``).
 
         LoRA updates are merged into the weights first (in place: the run is over), so the
-        exported model is an ordinary one.
+        exported model is an ordinary one; with ``stage.wise_alpha`` the weights are first
+        interpolated with those the run started from (WiSE-FT).
         """
         merge_lora(self.model)
+        alpha = self.config.stage.wise_alpha
+        if alpha is not None and self._wise_start is not None:
+            count = apply_wise(self.model, self._wise_start, alpha)
+            self._say(f"stage.wise_alpha: final/ = {1 - alpha:g} x starting + {alpha:g} x "
+                      f"trained weights ({count} tensors)")
         # Gathering sharded weights is a collective: every rank takes part, rank 0 writes.
         fsdp = distributed.is_fsdp(self.model)
         weights = run_state.full_model_state(self.model) if fsdp else None
