@@ -398,3 +398,13 @@ def test_hugging_face_imagefolder_parquet_and_saved_datasets(tmp_path: Path) -> 
     assert sorted(len(s) for s in seen) == [4, 6]
     flat = sum(sum(seen, []), [])
     assert len(flat) == len(set(flat)) == 10
+
+
+def test_a_folder_of_linked_data_sets_finds_their_shards(tmp_path: Path) -> None:
+    """Data sets are often linked in (data/coco -> /mnt/coco): shards under a symlinked folder
+    are found, as under a real one."""
+    numbered(tmp_path / "real", shards=2, per_shard=2)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "set").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert expand_shard_spec(tmp_path / "linked") == [
+        f"{tmp_path}/linked/set/part-{i:06d}.tar" for i in range(2)]

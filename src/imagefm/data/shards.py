@@ -21,6 +21,7 @@ readers of ``imagefm.data.formats`` (and the CLI tools on top of them) should no
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import zlib
@@ -87,7 +88,10 @@ def _local_shards(part: str, split: str | None) -> list[str]:
 
     path = Path(part[len("file://"):] if part.startswith("file://") else part).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*.tar") if p.is_file())
+        # os.walk, not rglob: data sets are often linked in (data/coco -> /mnt/coco), and
+        # Path.rglob does not follow directory symlinks.
+        found = sorted(Path(root) / name for root, _, names in os.walk(path, followlinks=True)
+                       for name in names if name.endswith(".tar") and (Path(root) / name).is_file())
         if split is not None and any(p.name.startswith(tuple(f"{s}-" for s in SPLIT_NAMES))
                                      for p in found):
             named = [p for p in found if p.name.startswith(f"{split}-")]
