@@ -19,6 +19,7 @@ import imagefm  # noqa: E402
 import imagefm.convert.open_clip as oc  # noqa: E402
 from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.open_clip import UnsupportedOpenClipConfig  # noqa: E402
+from imagefm.convert.open_clip_export import export_open_clip  # noqa: E402
 
 TOL = 1e-5
 VOCAB, LENGTH, SIZE = 100, 12, 32
@@ -204,7 +205,7 @@ def test_export_open_clip_round_trip(tmp_path: Path) -> None:
     model_cfg = _model_cfg(quick_gelu=True, vision={"pool_type": "avg"})
     original = _reference(model_cfg)
     ours = imagefm.load(_save_hub_dir(original, model_cfg, tmp_path / "in"))
-    oc.export_open_clip(ours, tmp_path / "out")
+    export_open_clip(ours, tmp_path / "out")
     exported = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())
     rebuilt = open_clip.CLIP(**exported["model_cfg"]).eval()
     from safetensors.torch import load_file
@@ -237,12 +238,12 @@ def test_exports_refuse_a_letterbox_card(tmp_path: Path) -> None:
     import dataclasses
 
     from imagefm.checkpoint import CheckpointError
-    from imagefm.convert.hf import card_to_hf
+    from imagefm.convert.hf_card import card_to_hf
 
     model_cfg = _model_cfg(quick_gelu=True)
     ours = imagefm.load(_save_hub_dir(_reference(model_cfg), model_cfg, tmp_path / "in"))
     ours.card = dataclasses.replace(ours.card, resize_mode="pad")
     with pytest.raises(CheckpointError, match="'pad' has no open_clip equivalent"):
-        oc.export_open_clip(ours, tmp_path / "out")
+        export_open_clip(ours, tmp_path / "out")
     with pytest.raises(CheckpointError, match="no HF image processor equivalent"):
         card_to_hf(ours.card)

@@ -22,6 +22,7 @@ import imagefm  # noqa: E402
 import imagefm.convert.open_clip as oc  # noqa: E402
 from imagefm.checkpoint import CheckpointError  # noqa: E402
 from imagefm.convert.open_clip import load_open_clip, load_open_clip_processor  # noqa: E402
+from imagefm.convert.open_clip_export import export_open_clip  # noqa: E402
 
 TOL = 1e-5
 SIZE, CONTEXT = 30, 16
@@ -163,7 +164,7 @@ def test_save_reload_and_refusals(tmp_path: Path) -> None:
     _assert_parity(reloaded, reference, ids)
 
     with pytest.raises(CheckpointError, match="BERT-family"):
-        oc.export_open_clip(model, tmp_path / "export")
+        export_open_clip(model, tmp_path / "export")
     hf = json.loads((text_dir / "config.json").read_text())
     for field, value, message in (("hf_pooler_type", "max_pooler", "max_pooler"),
                                   ("hf_proj_type", None, "no projection"),

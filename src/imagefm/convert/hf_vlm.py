@@ -31,7 +31,8 @@ from torch import nn
 
 from imagefm.checkpoint import CONFIG_FILE as IMAGEFM_FILE
 from imagefm.checkpoint import CheckpointError, atomic_write_text, empty_parameters
-from imagefm.convert.hf import _RESAMPLE_FROM_HF, read_hf_weights
+from imagefm.convert.hf import read_hf_weights
+from imagefm.convert.hf_card import _RESAMPLE_FROM_HF
 from imagefm.convert.keymap import KeyMap, load_with_key_map
 from imagefm.convert.llama import config_to_hf_lm, load_lm_tokenizer, read_chat_template
 from imagefm.models.decoder import DecoderLM

@@ -29,18 +29,15 @@ from imagefm.config import ConfigError, VisionConfig
 from imagefm.convert.hf import (
     _ACT_TO_HF,
     _CLIP_VISION_DEFAULTS,
-    _RESAMPLE_TO_HF,
     _SIGLIP_VISION_DEFAULTS,
     CLIP_KEY_MAP,
-    PREPROCESSOR_FILE,
     SIGLIP_KEY_MAP,
     _read_json,
     _sub_config,
     _vision,
-    card_from_hf,
-    card_to_hf,
     read_hf_weights,
 )
+from imagefm.convert.hf_card import _RESAMPLE_TO_HF, PREPROCESSOR_FILE, card_from_hf, card_to_hf
 from imagefm.convert.hf_vlm import (
     check_token,
     dtype_name,

@@ -25,7 +25,8 @@ import torch
 
 from imagefm.checkpoint import CheckpointError, save_state_dict
 from imagefm.config import ConfigError
-from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json, _sub_config, _vision, read_hf_weights
+from imagefm.convert.hf import _read_json, _sub_config, _vision, read_hf_weights
+from imagefm.convert.hf_card import _RESAMPLE_TO_HF
 from imagefm.convert.hf_vlm import (
     check_token,
     dtype_name,

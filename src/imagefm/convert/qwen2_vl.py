@@ -36,7 +36,8 @@ from typing import Any
 from imagefm.checkpoint import CheckpointError, save_state_dict
 from imagefm.config import ConfigError
 from imagefm.convert.hf import _ACT_TO_HF as _HF_ACTIVATIONS
-from imagefm.convert.hf import _RESAMPLE_TO_HF, _read_json
+from imagefm.convert.hf import _read_json
+from imagefm.convert.hf_card import _RESAMPLE_TO_HF
 from imagefm.convert.hf_vlm import (
     check_token,
     dtype_name,

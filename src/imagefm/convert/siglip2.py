@@ -25,11 +25,9 @@ from typing import Any
 from imagefm.checkpoint import CheckpointError, empty_parameters
 from imagefm.config import HALF_MEAN_STD, ConfigError, DualEncoderConfig, ImageCard
 from imagefm.convert.hf import (
-    _RESAMPLE_FROM_HF,
     _SIGLIP_TEXT_DEFAULTS,
     _SIGLIP_VISION_DEFAULTS,
     CONFIG_FILE,
-    PREPROCESSOR_FILE,
     SIGLIP_KEY_MAP,
     _read_json,
     _square,
@@ -39,6 +37,7 @@ from imagefm.convert.hf import (
     load_tokenizer_files,
     read_hf_weights,
 )
+from imagefm.convert.hf_card import _RESAMPLE_FROM_HF, PREPROCESSOR_FILE
 from imagefm.convert.keymap import KeyMap, load_with_key_map
 from imagefm.models.dual_encoder import DualEncoder
 

@@ -32,13 +32,12 @@ from imagefm.convert.hf import (
     _SIGLIP_VISION_DEFAULTS,
     CLIP_KEY_MAP,
     CONFIG_FILE,
-    PREPROCESSOR_FILE,
     SIGLIP_KEY_MAP,
     _read_json,
     _vision,
-    card_from_hf,
     read_hf_weights,
 )
+from imagefm.convert.hf_card import PREPROCESSOR_FILE, card_from_hf
 from imagefm.convert.hf_text import (
     bert_config_from_hf_text,
     bert_family_tokenizer,

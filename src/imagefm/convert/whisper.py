@@ -23,10 +23,10 @@ from imagefm.config import ConfigError
 from imagefm.convert.hf import (
     _ACT_FROM_HF,
     CONFIG_FILE,
-    PREPROCESSOR_FILE,
     _read_json,
     read_hf_weights,
 )
+from imagefm.convert.hf_card import PREPROCESSOR_FILE
 from imagefm.convert.keymap import KeyMap, load_with_key_map, rule
 from imagefm.models.audio_features import MelConfig
 from imagefm.models.whisper_encoder import AudioEncoder, AudioEncoderConfig
